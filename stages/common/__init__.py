@@ -1,0 +1,1 @@
+"""Code shared by several stages: answer format, params, paths, rewards, models, tracking."""

@@ -1,0 +1,381 @@
+"""The one typed loader for params.yaml.
+
+Every section of params.yaml is a pydantic model below; each field says what it means,
+its unit, allowed values and where its default comes from. Unknown keys, wrong types and
+impossible combinations fail here, before any model loads, with the key path named:
+
+    from stages.common.params import load_params
+    params = load_params()          # params.yaml at the project root
+    params.grpo.num_generations
+
+Defaults are the GPU recipe from the Unsloth/TRL GRPO guides (Qwen3-1.7B-Base, LoRA r=32).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS_FILE = ROOT / "params.yaml"
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an override) is malformed; the message names key, value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def F(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - `help` reads best here
+    return Field(default, description=help, **kw)
+
+
+# --------------------------------------------------------------------------- project
+class AnswerFormatParams(Section):
+    reasoning_start: str = F("<think>", "Tag opening the reasoning block (seeds: <think>; also e.g. <reasoning>).", min_length=1)
+    reasoning_end: str = F("</think>", "Tag closing the reasoning block.", min_length=1)
+    solution_start: str = F("<SOLUTION>", "Tag opening the final-answer block (seeds: <SOLUTION>; also e.g. <answer>).", min_length=1)
+    solution_end: str = F("</SOLUTION>", "Tag closing the final-answer block.", min_length=1)
+
+
+class ProjectParams(Section):
+    name: str = F("gsm8k-grpo", "Run/model name: MLflow experiment and registered model names derive from it.", min_length=1)
+    seed: int = F(3407, "Global seed for data shuffling and model init (Unsloth's notebooks use 3407).")
+    answer_format: AnswerFormatParams = F(AnswerFormatParams(), "Tags of the trained answer format.")
+
+
+# --------------------------------------------------------------------------- prepare
+class SyntheticParams(Section):
+    operations: list[Literal["+", "-", "*"]] = F(["+"], "Operations drawn from, uniformly.", min_length=1)
+    min_operand: int = F(10, "Smallest operand (inclusive).")
+    max_operand: int = F(99, "Largest operand (inclusive).")
+    train_size: int = F(4000, "Number of training problems generated.", ge=1)
+    test_size: int = F(200, "Number of held-out problems generated (disjoint from training).", ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "SyntheticParams":
+        if self.min_operand > self.max_operand:
+            raise ValueError(f"min_operand ({self.min_operand}) must be <= max_operand ({self.max_operand})")
+        return self
+
+
+class ColumnsParams(Section):
+    question: str = F("question", "Column holding the problem text.")
+    answer: str = F("answer", "Column holding the answer (GSM8K style `... #### N`, or just N).")
+    solution: str | None = F(None, "Optional column with a worked solution; by default the text before `####` in `answer`.")
+
+
+class PrepareParams(Section):
+    source: Literal["gsm8k", "hub", "file", "synthetic"] = F(
+        "gsm8k", "gsm8k: the copy shipped in data/gsm8k; hub: a Hugging Face dataset id; file: local jsonl/parquet/csv; synthetic: built-in arithmetic.")
+    hub_id: str | None = F(None, "Dataset id when source=hub, e.g. openai/gsm8k or open-r1/DAPO-Math-17k-Processed.")
+    hub_config: str | None = F(None, "Dataset config when source=hub (openai/gsm8k needs 'main').")
+    train_file: str | None = F(None, "Training file (jsonl/parquet/csv) when source=file.")
+    test_file: str | None = F(None, "Test file when source=file.")
+    train_split: str = F("train", "Split name for training when source=hub.")
+    test_split: str = F("test", "Split name for evaluation when source=hub.")
+    columns: ColumnsParams = F(ColumnsParams(), "Column mapping for hub/file sources.")
+    synthetic: SyntheticParams = F(SyntheticParams(), "Options for source=synthetic.")
+    sft_examples: int = F(
+        60, "How many training rows become SFT priming examples (the seeds prime on a small slice); 0 = none. "
+        "They are removed from the GRPO prompts.", ge=0)
+    sft_max_reasoning_chars: int | None = F(None, "Truncate worked solutions to this many characters (None keeps them whole); short priming leaves room for GRPO to improve.")
+    max_train_rows: int | None = F(None, "Cap on GRPO prompts after cleaning (None = all).", ge=1)
+    max_test_rows: int | None = F(None, "Cap on evaluation rows (None = all).", ge=1)
+    on_bad_rows: Literal["drop", "fail"] = F("drop", "Rows with missing/empty question, missing or non-numeric answer, or duplicates: drop (counted by reason) or fail the stage.")
+    on_contamination: Literal["drop", "fail", "warn"] = F("drop", "Training rows whose question also appears in the test split (exact or normalised text).")
+
+
+# --------------------------------------------------------------------------- model
+class TinyModelParams(Section):
+    vocab_size: int = F(4096, "SentencePiece vocabulary size (multiple of 256 keeps GGUF k-quants exact).", ge=256)
+    hidden_size: int = F(256, "Hidden width; a multiple of 256 so llama.cpp k-quants apply.", ge=256, multiple_of=256)
+    intermediate_size: int = F(512, "MLP width; a multiple of 256.", ge=256, multiple_of=256)
+    num_layers: int = F(2, "Decoder layers.", ge=1)
+    num_heads: int = F(4, "Attention heads (head dim = hidden_size / num_heads).", ge=1)
+    max_position_embeddings: int = F(1024, "Longest sequence the model supports (tokens).", ge=64)
+    tokenizer_model: Literal["bpe", "unigram"] = F("bpe", "SentencePiece model type (byte fallback and split digits are always on).")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "TinyModelParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class LoraParams(Section):
+    enabled: bool = F(True, "Train LoRA adapters; false = full fine-tuning (sensible only for the tiny model).")
+    r: int = F(32, "LoRA rank (seeds: 8-128; 32 for Qwen3-1.7B).", ge=1)
+    alpha: int = F(64, "LoRA alpha; the seeds use 2 x r.", ge=1)
+    dropout: float = F(0.0, "LoRA dropout (0 is what Unsloth optimises for).", ge=0.0, lt=1.0)
+    target_modules: list[str] = F(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Modules that get adapters: all 7 attention and MLP projections by default.", min_length=1)
+
+
+class ModelParams(Section):
+    name_or_path: str = F("unsloth/Qwen3-1.7B-Base", "Base model: a hub id, a local folder, or `tiny` for the built-in tiny model.")
+    tiny: TinyModelParams = F(TinyModelParams(), "Shape of the built-in tiny model (name_or_path: tiny).")
+    revision: str | None = F(None, "Hub revision (commit or tag) to pin the base model.")
+    chat_template: Literal["auto", "project", "model"] = F(
+        "auto", "project: the answer-format template (generation starts inside the reasoning tag), as the seeds do for base models; "
+        "model: keep the tokenizer's own; auto: project when the tokenizer has none.")
+    trust_remote_code: bool = F(False, "Run model code shipped in the hub repo. Off: only code in installed transformers runs.")
+    max_seq_length: int = F(2048, "Longest prompt+completion in tokens (seeds: 2048 for Qwen3-1.7B).", ge=64)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = F(
+        "auto", "Training/compute dtype. auto: bfloat16 on GPUs that support it, float32 on CPU. "
+        "The seeds report fp16 can be more stable for RL on some models.")
+    load_in_4bit: bool = F(False, "QLoRA: load base weights in 4-bit (bitsandbytes, CUDA only).")
+    backend: Literal["auto", "unsloth", "trl"] = F("auto", "auto: Unsloth when CUDA and the gpu extra are present, else plain TRL + transformers + peft.")
+    generation: Literal["auto", "vllm", "transformers"] = F("auto", "Rollout engine: auto uses vLLM when installed (with CUDA), else transformers generate.")
+    gpu_memory_utilization: float = F(0.7, "Fraction of GPU memory vLLM may take (seeds: 0.5-0.9; lower if out of memory).", gt=0.0, le=1.0)
+    lora: LoraParams = F(LoraParams(), "LoRA adapter settings (used by sft and grpo).")
+
+
+# --------------------------------------------------------------------------- sft
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"]
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"]
+
+
+class SFTParams(Section):
+    enabled: bool = F(True, "Run the format-priming SFT stage; false passes the base model through unchanged.")
+    num_train_epochs: float = F(2.0, "Epochs over the priming split (seeds: 2). Ignored when max_steps > 0.", gt=0)
+    max_steps: int = F(-1, "Stop after this many optimizer steps; -1 = use epochs.", ge=-1)
+    learning_rate: float = F(2e-4, "Peak learning rate (seeds: 2e-4 for LoRA priming).", gt=0)
+    warmup_steps: int = F(5, "Linear warm-up steps (seeds: 5).", ge=0)
+    lr_scheduler_type: Scheduler = F("linear", "Learning-rate schedule.")
+    optim: Optimizer = F("adamw_8bit", "Optimizer (seeds: adamw_8bit; needs bitsandbytes/CUDA, the trl backend on CPU uses adamw_torch).")
+    weight_decay: float = F(0.01, "Weight decay (seeds: 0.01).", ge=0)
+    per_device_train_batch_size: int = F(1, "Examples per device per micro-batch (seeds: 1).", ge=1)
+    gradient_accumulation_steps: int = F(1, "Micro-batches per optimizer step.", ge=1)
+    max_length: int = F(2048, "Longest SFT example in tokens; longer ones are truncated.", ge=16)
+    logging_steps: int = F(5, "Log loss every N steps.", ge=1)
+    seed: int = F(3407, "Training seed.")
+
+
+# --------------------------------------------------------------------------- grpo
+class RewardSpec(Section):
+    name: str = F(..., "Registered reward name (see stages/common/rewards.py) or `module.path:function`.", min_length=1)
+    weight: float = F(1.0, "Multiplier applied by TRL (reward_weights).")
+    options: dict[str, Any] = F({}, "Keyword options for a parameterised reward (see its docstring).")
+
+
+DEFAULT_REWARDS = [
+    RewardSpec(name="format_exact"),
+    RewardSpec(name="format_approx"),
+    RewardSpec(name="answer_check"),
+    RewardSpec(name="numeric_match"),
+]
+
+
+class GRPOParams(Section):
+    rewards: list[RewardSpec] = F(DEFAULT_REWARDS, "Reward functions, summed with their weights (seeds: exact format, approximate format, answer check, number check).", min_length=1)
+    on_reward_error: Literal["zero", "abort"] = F("abort", "A reward that raises or returns NaN: log the sample and score 0 (zero), or stop training (abort).")
+    num_generations: int = F(4, "Completions per prompt: the group size G (seeds: 4-8).", ge=2)
+    per_device_train_batch_size: int = F(4, "Completions (not prompts) per device per micro-batch, as TRL counts them. The seeds' 1 only works because Unsloth raises it to num_generations; here it is explicit.", ge=1)
+    gradient_accumulation_steps: int = F(1, "Micro-batches per optimizer step (seeds: 1; 4 smooths training).", ge=1)
+    generation_batch_size: int | None = F(None, "Completions generated per rollout; must be divisible by num_generations. None: per_device_train_batch_size x gradient_accumulation_steps x steps_per_generation.", ge=2)
+    steps_per_generation: int | None = F(None, "Optimizer steps per rollout batch (None = gradient_accumulation_steps). Exclusive with generation_batch_size.", ge=1)
+    num_iterations: int = F(1, "Optimisation passes per rollout batch (mu in the GRPO paper).", ge=1)
+    max_prompt_length: int = F(256, "Longest prompt in tokens (seeds: measured max prompt length + 1).", ge=8)
+    max_completion_length: int = F(1024, "Longest completion in tokens (seeds: max_seq_length - max_prompt_length).", ge=8)
+    temperature: float = F(1.0, "Sampling temperature for rollouts (seeds: 1.0; diversity drives the advantage).", gt=0)
+    top_p: float = F(1.0, "Nucleus sampling threshold.", gt=0, le=1)
+    top_k: int | None = F(None, "Top-k sampling (None = off).", ge=1)
+    min_p: float | None = F(0.1, "Min-p sampling (seeds: 0.1).", ge=0, le=1)
+    repetition_penalty: float = F(1.0, "Repetition penalty for rollouts (1.0 = off).", gt=0)
+    learning_rate: float = F(5e-6, "Peak learning rate (seeds: 5e-6).", gt=0)
+    lr_scheduler_type: Scheduler = F("linear", "Learning-rate schedule (seeds: linear).")
+    warmup_ratio: float = F(0.1, "Warm-up as a fraction of steps (seeds: 0.1).", ge=0, le=1)
+    weight_decay: float = F(0.01, "Weight decay (seeds: 0.01 or 0.001).", ge=0)
+    optim: Optimizer = F("adamw_8bit", "Optimizer (seeds: adamw_8bit).")
+    max_grad_norm: float = F(1.0, "Gradient clipping norm (seeds: 1.0 or 0.1).", gt=0)
+    beta: float = F(0.0, "KL coefficient; 0.0 means no reference model is loaded (TRL's and the seeds' default).", ge=0)
+    monitor_kl: bool = F(True, "When beta is 0, still compute KL to the base model (adapter disabled) for monitoring.")
+    epsilon: float = F(0.2, "Lower clipping range of the ratio (PPO epsilon).", gt=0)
+    epsilon_high: float | None = F(None, "Upper clipping range (DAPO clip-higher, e.g. 0.28); None = epsilon.", gt=0)
+    delta: float | None = F(None, "Two-sided clipping bound for the ratio (None = off).", gt=1)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = F(
+        "dapo", "Loss normalisation: grpo (per sequence), bnpo (per batch tokens), dr_grpo (constant), dapo (global tokens, TRL's default), cispo, sapo.")
+    importance_sampling_level: Literal["token", "sequence"] = F("token", "Where the ratio is taken: token (GRPO) or sequence (GSPO).")
+    scale_rewards: Literal["group", "batch", "none"] = F("group", "Advantage scaling by std: per group, per batch, or none (Dr. GRPO).")
+    mask_truncated_completions: bool = F(False, "Exclude completions cut off at max_completion_length from the loss (DAPO).")
+    vllm_importance_sampling_correction: bool = F(True, "Correct for vLLM/trainer logit mismatch (truncated importance sampling); vLLM only.")
+    vllm_importance_sampling_cap: float = F(2.0, "Cap of that correction's ratio.", gt=0)
+    max_steps: int = F(100, "Optimizer steps (seeds: 100 for a demo, more for real runs); -1 = use epochs.", ge=-1)
+    num_train_epochs: float = F(1.0, "Epochs over the prompts when max_steps is -1.", gt=0)
+    save_steps: int = F(50, "Checkpoint every N steps; the stage resumes from the last one if killed.", ge=1)
+    logging_steps: int = F(1, "Log metrics every N steps.", ge=1)
+    log_completions_every: int = F(10, "Log a table of sample completions every N steps (0 = never).", ge=0)
+    seed: int = F(3407, "Training seed (data order, sampling).")
+
+    @model_validator(mode="after")
+    def _batches(self) -> "GRPOParams":
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("set only one of generation_batch_size and steps_per_generation")
+        gen = self.effective_generation_batch_size
+        if gen % self.num_generations:
+            raise ValueError(
+                f"the generation batch ({gen} completions) must be divisible by num_generations "
+                f"({self.num_generations}); adjust per_device_train_batch_size, gradient_accumulation_steps "
+                "or generation_batch_size")
+        return self
+
+    @property
+    def effective_generation_batch_size(self) -> int:
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size
+        steps = self.steps_per_generation or self.gradient_accumulation_steps
+        return self.per_device_train_batch_size * steps
+
+
+# --------------------------------------------------------------------------- evaluate
+class EvaluateParams(Section):
+    limit: int | None = F(None, "Evaluate only the first N test rows (None = all 1,319).", ge=1)
+    batch_size: int = F(8, "Generation batch size for lm-eval.", ge=1)
+    max_new_tokens: int = F(1024, "Longest generated answer in tokens.", ge=1)
+    backend: Literal["auto", "vllm", "hf"] = F("auto", "lm-eval model backend: vLLM when installed, else HF transformers.")
+    num_samples: int = F(0, "Optional sampled evaluation: k samples per question for pass@k and maj@k (0 = off).", ge=0)
+    sample_temperature: float = F(0.7, "Temperature for sampled evaluation.", gt=0)
+    models: list[Literal["base", "sft", "grpo"]] = F(["base", "sft", "grpo"], "Which models to evaluate.", min_length=1)
+
+
+# --------------------------------------------------------------------------- export
+class MergeParams(Section):
+    merged_4bit: bool = F(False, "Also save a 4-bit (bitsandbytes) merged model; CUDA only.")
+    check_prompts: int = F(3, "Prompts on which merged and base+adapter greedy outputs must agree.", ge=1)
+    check_tokens: int = F(16, "Greedy tokens compared per prompt.", ge=1)
+    atol: float = F(1e-3, "Max absolute logit difference allowed between merged and base+adapter.", gt=0)
+
+
+class GGUFParams(Section):
+    outtype: Literal["f16", "q8_0", "f32", "bf16"] = F("f16", "Type written by llama.cpp's converter before quantizing.")
+    quantizations: list[Literal["q8_0", "q4_k_m", "q4_0", "q5_k_m", "q6_k", "q4_k_s", "q5_0"]] = F(
+        ["q8_0", "q4_k_m"], "Quantized files made with llama.cpp's quantizer.", min_length=1)
+    eval_questions: int = F(10, "GSM8K test questions answered by each GGUF and the merged model to measure quantization loss.", ge=1)
+    max_new_tokens: int = F(256, "Tokens generated per verification question.", ge=1)
+    n_ctx: int = F(2048, "llama.cpp context window for verification.", ge=128)
+
+
+class RegistryParams(Section):
+    enabled: bool = F(True, "Register adapter and merged model in the MLflow model registry.")
+    min_improvement: float = F(0.0, "A candidate becomes champion only if its GSM8K strict score beats the champion's by at least this (absolute accuracy, 0-1).", ge=0)
+
+
+class FlowParams(Section):
+    retries: int = F(2, "Retries of a stage that fails (GRPO resumes from its last checkpoint).", ge=0)
+    retry_delay_seconds: float = F(10.0, "First retry delay; doubles each retry.", ge=0)
+    continuous_steps: int = F(20, "GRPO steps added per continuous-training tick that finds work.", ge=1)
+
+
+class Params(Section):
+    project: ProjectParams = F(ProjectParams(), "Names, seed and answer format shared by all stages.")
+    prepare: PrepareParams = F(PrepareParams(), "Stage prepare: data source and cleaning.")
+    model: ModelParams = F(ModelParams(), "Stage base_model and model loading for all training stages.")
+    sft: SFTParams = F(SFTParams(), "Stage sft: format priming.")
+    grpo: GRPOParams = F(GRPOParams(), "Stage grpo.")
+    evaluate: EvaluateParams = F(EvaluateParams(), "Stage evaluate: GSM8K with lm-eval.")
+    merge: MergeParams = F(MergeParams(), "Stage merge.")
+    gguf: GGUFParams = F(GGUFParams(), "Stage gguf.")
+    registry: RegistryParams = F(RegistryParams(), "Stage register: MLflow model registry and promotion gate.")
+    flow: FlowParams = F(FlowParams(), "Prefect orchestration.")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Params":
+        g, m = self.grpo, self.model
+        if g.max_prompt_length + g.max_completion_length > m.max_seq_length:
+            raise ValueError(
+                f"grpo.max_prompt_length + grpo.max_completion_length = "
+                f"{g.max_prompt_length + g.max_completion_length} exceeds model.max_seq_length = {m.max_seq_length}")
+        if m.name_or_path == "tiny" and m.load_in_4bit:
+            raise ValueError("model.load_in_4bit is not supported for the tiny model (bitsandbytes needs CUDA and a real checkpoint)")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key (check spelling; see stages/common/params.py for the allowed keys)")
+            continue
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path or '<top level>'}: got {shown}; {msg}")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def validate(raw: Any, origin: str = "params") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(f"{origin}: " + _format_errors(err, raw)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
+    """Apply dotted-key overrides (`{"grpo.beta": 0.04}`) to a raw params mapping, in a copy."""
+    import copy
+
+    out = copy.deepcopy(raw or {})
+    for dotted, value in (overrides or {}).items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {dotted}: {key} is not a section")
+        node[leaf] = value
+    return out
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Read, override and validate params.yaml (default: the project's)."""
+    path = Path(path) if path else PARAMS_FILE
+    raw = apply_overrides(read_yaml(path), overrides)
+    return validate(raw, origin=str(path))
+
+
+def check_runtime(params: Params) -> None:
+    """Fail fast on settings this machine cannot run: CUDA-only options, hub ids while offline.
+
+    Called by each stage before loading anything heavy.
+    """
+    import importlib.util
+
+    cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    tiny_hint = "Use the tiny CPU profile instead: python -m stages.preset tiny"
+    if not cuda:
+        if params.model.load_in_4bit:
+            raise ParamsError(f"model.load_in_4bit: got True; 4-bit loading needs CUDA and this machine has none. {tiny_hint}")
+        if params.merge.merged_4bit:
+            raise ParamsError(f"merge.merged_4bit: got True; bitsandbytes 4-bit needs CUDA and this machine has none. {tiny_hint}")
+        if params.model.backend == "unsloth":
+            raise ParamsError(f"model.backend: got 'unsloth'; Unsloth needs CUDA and this machine has none. {tiny_hint}")
+    name = params.model.name_or_path
+    if name != "tiny" and not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ParamsError(
+            f"model.name_or_path: got {name!r}; it is a hub id but HF_HUB_OFFLINE=1 (no hub access here). {tiny_hint}")

@@ -1,0 +1,177 @@
+"""MLflow at the edges: where runs go, how stage runs nest, what every run is tagged with.
+
+Local default: a SQLite store and an artifact root inside mlruns/ (MLflow 3 keeps the plain
+file store in maintenance mode). MLFLOW_TRACKING_URI switches to a server.
+
+Nesting: every stage run is a child of one pipeline run. The Prefect flow passes its parent
+in PIPELINE_PARENT_RUN_ID; under a plain `dvc repro` the first stage creates a parent for
+that `dvc` process and the later stages find it by tag. A stage run by hand stands alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from stages.common.params import ROOT, Params
+
+PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
+MLRUNS = ROOT / "mlruns"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
+
+
+def is_local() -> bool:
+    return tracking_uri().startswith(("sqlite:", "file:")) or "://" not in tracking_uri()
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    if is_local():
+        MLRUNS.mkdir(exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri())
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        location = (MLRUNS / "artifacts" / experiment).as_uri() if is_local() else None
+        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stage_deps(stage: str) -> list[str]:
+    """The deps of a stage as dvc.yaml declares them, with ${paths.*} resolved."""
+    from stages.common.paths import PATHS
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    deps = spec["stages"].get(stage, {}).get("deps", [])
+    return [d.replace("${paths.", "{").format(**PATHS) if "${paths." in d else d for d in
+            [str(x).replace("}", "}") for x in deps]]
+
+
+def inputs_digest(stage: str) -> str:
+    """sha256 over the contents of a stage's declared deps (what DVC would hash), short form."""
+    h = hashlib.sha256()
+    for dep in sorted(stage_deps(stage)):
+        p = ROOT / dep
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.exists() else [])
+        for f in files:
+            h.update(str(f.relative_to(ROOT)).encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = json.dumps(d) if isinstance(d, (list, tuple)) else d
+    return out
+
+
+def metric_name(name: str) -> str:
+    """MLflow-legal metric name: lm-eval's 'exact_match,strict-match' -> 'exact_match/strict-match'."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "/" for c in name)
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None, prefix: str = "") -> None:
+    """Log the finite numeric leaves of a (nested) metrics dict."""
+    import mlflow
+
+    flat = {metric_name(prefix + k): float(v) for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+
+
+def _dvc_session() -> str | None:
+    """An id for the `dvc repro` process we run under (None when not under DVC)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    proc = psutil.Process().parent()
+    while proc is not None:
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            return None
+        if "dvc" in Path(proc.cmdline()[0]).name or " -m dvc" in cmd or "/dvc " in cmd + " ":
+            return f"{proc.pid}-{int(proc.create_time())}"
+        proc = proc.parent()
+    return None
+
+
+def _parent_run_id(exp_id: str, params: Params) -> str | None:
+    import mlflow
+
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    session = _dvc_session()
+    if session is None:
+        return None
+    client = mlflow.MlflowClient()
+    found = client.search_runs([exp_id], f"tags.`pipeline.session` = '{session}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name="dvc-repro", tags={
+        "pipeline.session": session, "pipeline.parent": "true", "pipeline.launcher": "dvc repro",
+        "git_commit": git_commit()})
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = None,
+              resume_run_id: str | None = None) -> Iterator[Any]:
+    """Open the MLflow run of one stage execution: nested, tagged, its params section logged."""
+    import mlflow
+
+    exp_id = setup(params.project.name)
+    mlflow.enable_system_metrics_logging()
+    mlflow.set_system_metrics_sampling_interval(5)
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
+    else:
+        parent = _parent_run_id(exp_id, params)
+        run = mlflow.start_run(run_name=stage, parent_run_id=parent, log_system_metrics=True, tags={
+            "stage": stage, "git_commit": git_commit(), "inputs_digest": inputs_digest(stage),
+            **(extra_tags or {})})
+        section = getattr(params, stage, None)
+        logged = {"project": params.project.model_dump(), "model": params.model.model_dump()}
+        if section is not None:
+            logged[stage] = section.model_dump()
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(logged).items()})
+    try:
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
