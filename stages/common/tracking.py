@@ -23,7 +23,8 @@ import yaml
 from stages.common.params import ROOT, Params
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
-MLRUNS = ROOT / "mlruns"
+# The local store; tests point it elsewhere with PIPELINE_MLRUNS_DIR.
+MLRUNS = Path(os.environ.get("PIPELINE_MLRUNS_DIR") or ROOT / "mlruns")
 
 
 def tracking_uri() -> str:
@@ -67,8 +68,7 @@ def stage_deps(stage: str) -> list[str]:
 
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     deps = spec["stages"].get(stage, {}).get("deps", [])
-    return [d.replace("${paths.", "{").format(**PATHS) if "${paths." in d else d for d in
-            [str(x).replace("}", "}") for x in deps]]
+    return [str(d).replace("${paths.", "{").format(**PATHS) for d in deps]
 
 
 def inputs_digest(stage: str) -> str:
