@@ -12,9 +12,9 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,17 +43,18 @@ def build_tokenizer(text: list[str], vocab_size: int, model_type: str, fmt: Answ
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(t.replace("\n", " ") for t in text))
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "tokenizer"), vocab_size=vocab_size,
-            model_type=model_type, byte_fallback=True, split_digits=True, character_coverage=1.0,
-            pad_id=SPECIAL["pad"], unk_id=SPECIAL["unk"], bos_id=SPECIAL["bos"], eos_id=SPECIAL["eos"],
-            user_defined_symbols=[fmt.reasoning_start, fmt.reasoning_end, fmt.solution_start, fmt.solution_end],
-            minloglevel=2, num_threads=2)
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(tmp) / "tokenizer.model", out / "tokenizer.model")
+    # Trained from memory into memory: with file input the model records the (random) temp
+    # paths, so two builds with the same seed would differ in bytes. num_threads is fixed
+    # because the learned merges depend on it.
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([t.replace("\n", " ") for t in text]), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, byte_fallback=True, split_digits=True, character_coverage=1.0,
+        pad_id=SPECIAL["pad"], unk_id=SPECIAL["unk"], bos_id=SPECIAL["bos"], eos_id=SPECIAL["eos"],
+        user_defined_symbols=[fmt.reasoning_start, fmt.reasoning_end, fmt.solution_start, fmt.solution_end],
+        minloglevel=2, num_threads=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
     # transformers 5: construct through from_pretrained on a folder holding tokenizer.model;
     # LlamaTokenizer(vocab_file=...) silently yields a 4-token vocabulary.
     tok = LlamaTokenizer.from_pretrained(str(out), legacy=False, add_bos_token=False,

@@ -107,9 +107,22 @@ def load_source(p: PrepareParams, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 # ------------------------------------------------------------------ cleaning
+def _blank(value: object) -> bool:
+    """Missing, NaN (pandas' empty cell) or only whitespace."""
+    return value is None or (isinstance(value, float) and value != value) or not str(value).strip()
+
+
+_OPERATORS = r"+\-*/×÷=^"
+
+
 def normalize_text(text: str) -> str:
-    """Lower-case, punctuation-free, single-spaced text for duplicate and overlap checks."""
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+    """Lower-case, punctuation-free, single-spaced text for duplicate and overlap checks.
+
+    Arithmetic operators stay, as words of their own: `What is 4 + 5?` and `what is 4+5`
+    match, `What is 4 * 5?` does not.
+    """
+    text = re.sub(f"([{_OPERATORS}])", r" \1 ", text.lower())
+    return re.sub(r"\s+", " ", re.sub(f"[^\\w\\s{_OPERATORS}]", " ", text)).strip()
 
 
 def clean(rows: list[dict]) -> tuple[list[dict], Counter, list[str]]:
@@ -118,9 +131,9 @@ def clean(rows: list[dict]) -> tuple[list[dict], Counter, list[str]]:
     for i, row in enumerate(rows):
         q, a = row.get("question"), row.get("answer")
         reason = None
-        if q is None or (isinstance(q, float) and q != q) or not str(q).strip():
+        if _blank(q):
             reason = "empty_question"
-        elif a is None or (isinstance(a, float) and a != a) or not str(a).strip():
+        elif _blank(a):
             reason = "missing_answer"
         else:
             gold = extract_gold(str(a))
@@ -134,7 +147,7 @@ def clean(rows: list[dict]) -> tuple[list[dict], Counter, list[str]]:
                 examples.append(f"row {i}: {reason}: question={str(q)[:60]!r} answer={str(a)[-40:]!r}")
             continue
         seen.add(normalize_text(str(q)))
-        solution = row.get("solution") or worked_solution(str(a))
+        solution = worked_solution(str(a)) if _blank(row.get("solution")) else row["solution"]
         kept.append({"question": str(q).strip(), "gold": gold, "solution": str(solution)})
     return kept, reasons, examples
 

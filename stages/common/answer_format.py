@@ -100,14 +100,14 @@ def normalize_number(text: str | None) -> str | None:
     if not re.fullmatch(r"\d{1,3}(,\d{3})+(\.\d+)?|\d+(\.\d+)?|\.\d+", s):
         return None
     try:
-        value = Decimal(s.replace(",", ""))
+        # The sign goes into the string: Decimal() is exact, arithmetic (-value) rounds to 28 digits.
+        value = Decimal(("-" if negative else "") + s.replace(",", ""))
     except InvalidOperation:
         return None
-    if negative:
-        value = -value
+    # int() and format() are exact at any size; quantize() and normalize() round to 28 digits too.
     if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
-    return format(value.normalize(), "f")
+        return str(int(value))
+    return format(value, "f").rstrip("0")
 
 
 def last_number(text: str) -> str | None:
@@ -141,10 +141,12 @@ def completion_text(completion: object) -> str:
     """Plain text of a completion, whether a string or TRL's chat form [{'content': ...}]."""
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
+    if isinstance(completion, list) and not completion:
+        return ""
+    if isinstance(completion, list) and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content") or "")
     if isinstance(completion, dict):
-        return str(completion.get("content", ""))
+        return str(completion.get("content") or "")
     raise TypeError(f"unsupported completion type: {type(completion).__name__}")
 
 

@@ -12,15 +12,17 @@ Defaults are the GPU recipe from the Unsloth/TRL GRPO guides (Qwen3-1.7B-Base, L
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ROOT = Path(__file__).resolve().parents[2]
-PARAMS_FILE = ROOT / "params.yaml"
+# The workspace's params.yaml: the project root, or PIPELINE_WORKDIR when set (see paths.py).
+PARAMS_FILE = Path(os.environ.get("PIPELINE_WORKDIR") or ROOT) / "params.yaml"
 
 
 class ParamsError(ValueError):
@@ -182,7 +184,7 @@ class GRPOParams(Section):
     generation_batch_size: int | None = F(None, "Completions generated per rollout; must be divisible by num_generations. None: per_device_train_batch_size x gradient_accumulation_steps x steps_per_generation.", ge=2)
     steps_per_generation: int | None = F(None, "Optimizer steps per rollout batch (None = gradient_accumulation_steps). Exclusive with generation_batch_size.", ge=1)
     num_iterations: int = F(1, "Optimisation passes per rollout batch (mu in the GRPO paper).", ge=1)
-    max_prompt_length: int = F(256, "Longest prompt in tokens (seeds: measured max prompt length + 1).", ge=8)
+    max_prompt_length: int = F(256, "Longest prompt in tokens; longer prompts are dropped before training and counted (seeds filter the same way).", ge=8)
     max_completion_length: int = F(1024, "Longest completion in tokens (seeds: max_seq_length - max_prompt_length).", ge=8)
     temperature: float = F(1.0, "Sampling temperature for rollouts (seeds: 1.0; diversity drives the advantage).", gt=0)
     top_p: float = F(1.0, "Nucleus sampling threshold.", gt=0, le=1)
@@ -200,8 +202,9 @@ class GRPOParams(Section):
     epsilon: float = F(0.2, "Lower clipping range of the ratio (PPO epsilon).", gt=0)
     epsilon_high: float | None = F(None, "Upper clipping range (DAPO clip-higher, e.g. 0.28); None = epsilon.", gt=0)
     delta: float | None = F(None, "Two-sided clipping bound for the ratio (None = off).", gt=1)
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = F(
-        "dapo", "Loss normalisation: grpo (per sequence), bnpo (per batch tokens), dr_grpo (constant), dapo (global tokens, TRL's default), cispo, sapo.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = F(
+        "dapo", "Loss normalisation (TRL 1.14): grpo (per sequence), bnpo (per batch tokens), dr_grpo (constant), "
+        "dapo (global tokens, TRL's default), cispo, sapo, luspo, vespo (vespo needs a token-level vllm_importance_sampling_mode).")
     importance_sampling_level: Literal["token", "sequence"] = F("token", "Where the ratio is taken: token (GRPO) or sequence (GSPO).")
     scale_rewards: Literal["group", "batch", "none"] = F("group", "Advantage scaling by std: per group, per batch, or none (Dr. GRPO).")
     mask_truncated_completions: bool = F(False, "Exclude completions cut off at max_completion_length from the loss (DAPO).")
@@ -217,7 +220,8 @@ class GRPOParams(Section):
     @model_validator(mode="after")
     def _batches(self) -> "GRPOParams":
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            raise ValueError("set only one of generation_batch_size and steps_per_generation")
+            raise ValueError(f"set only one of generation_batch_size ({self.generation_batch_size}) "
+                             f"and steps_per_generation ({self.steps_per_generation})")
         gen = self.effective_generation_batch_size
         if gen % self.num_generations:
             raise ValueError(
@@ -298,17 +302,45 @@ class Params(Section):
 
 
 # --------------------------------------------------------------------------- loading
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The section class a key path leads to (list indices skipped); None if it leads to no section."""
+    model: type[BaseModel] = Params
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        inner = [t for t in (field.annotation, *get_args(field.annotation))
+                 if get_origin(t) is None and isinstance(t, type) and issubclass(t, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    return model
+
+
+def _unknown_key_hint(loc: tuple) -> str:
+    """'did you mean ...' for a misspelt key, else the keys its section allows."""
+    section = _section_at(loc[:-1])
+    if section is None:
+        return "see stages/common/params.py for the allowed keys"
+    allowed = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+
+
 def _format_errors(err: ValidationError, raw: dict) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key (check spelling; see stages/common/params.py for the allowed keys)")
+            lines.append(f"{path}: unknown key; {_unknown_key_hint(e['loc'])}")
             continue
         value = e.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{path or '<top level>'}: got {shown}; {msg}")
+        # A whole section failing a cross-field rule: the message itself names the keys and values.
+        shown = "" if isinstance(value, dict) else f"got {value!r}; "
+        lines.append(f"{path or '<top level>'}: {shown}{msg}")
     return "invalid params:\n  " + "\n  ".join(lines)
 
 
@@ -337,6 +369,8 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
     import copy
 
     out = copy.deepcopy(raw or {})
+    if overrides and not isinstance(out, dict):
+        raise ParamsError(f"cannot apply overrides: the top level must be a mapping of sections, got {type(out).__name__}")
     for dotted, value in (overrides or {}).items():
         node = out
         *parents, leaf = dotted.split(".")

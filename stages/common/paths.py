@@ -1,15 +1,21 @@
-"""Output paths, declared once: in dvc.yaml's `vars`, read here so code and DVC agree."""
+"""Output paths, declared once: in dvc.yaml's `vars`, read here so code and DVC agree.
+
+Paths are relative to the workspace: the project root, or PIPELINE_WORKDIR when set (tests
+run stages in a temporary workspace that way).
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+CODE_ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(os.environ.get("PIPELINE_WORKDIR") or CODE_ROOT)
 
 
 def _declared() -> dict[str, str]:
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    spec = yaml.safe_load((CODE_ROOT / "dvc.yaml").read_text())
     for entry in spec.get("vars", []):
         if isinstance(entry, dict) and "paths" in entry:
             return entry["paths"]

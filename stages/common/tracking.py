@@ -21,10 +21,11 @@ from typing import Any, Iterator
 import yaml
 
 from stages.common.params import ROOT, Params
+from stages.common.paths import ROOT as WORKSPACE
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
 # The local store; tests point it elsewhere with PIPELINE_MLRUNS_DIR.
-MLRUNS = Path(os.environ.get("PIPELINE_MLRUNS_DIR") or ROOT / "mlruns")
+MLRUNS = Path(os.environ.get("PIPELINE_MLRUNS_DIR") or WORKSPACE / "mlruns")
 
 
 def tracking_uri() -> str:
@@ -75,10 +76,10 @@ def inputs_digest(stage: str) -> str:
     """sha256 over the contents of a stage's declared deps (what DVC would hash), short form."""
     h = hashlib.sha256()
     for dep in sorted(stage_deps(stage)):
-        p = ROOT / dep
+        p = WORKSPACE / dep if (WORKSPACE / dep).exists() else ROOT / dep
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.exists() else [])
         for f in files:
-            h.update(str(f.relative_to(ROOT)).encode())
+            h.update(str(f.relative_to(p.parent)).encode())
             with f.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)

@@ -1,0 +1,151 @@
+"""What the sft and grpo stages share: model setup per backend, dtype flags, and callbacks
+that log to MLflow (metrics with memory and throughput, NaN guard).
+
+The backend is chosen once (stages.common.models.choose_backend); both stages call
+`load_for_training`, which returns a model ready for TRL's trainers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from stages.common import models
+from stages.common.params import ModelParams
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+def precision_flags(dtype: str) -> dict[str, bool]:
+    """bf16/fp16 flags for TRL configs; fp32 (CPU) sets neither."""
+    import torch
+
+    resolved = models.torch_dtype(dtype)
+    return {"bf16": resolved == torch.bfloat16, "fp16": resolved == torch.float16}
+
+
+def optimizer(name: str, backend: str) -> str:
+    """8-bit optimizers need bitsandbytes and CUDA; on the CPU path fall back to adamw_torch."""
+    if "8bit" in name and backend != "unsloth" and not models.has_cuda():
+        return "adamw_torch"
+    return name
+
+
+def load_for_training(m: ModelParams, base_dir: Path, backend: str, init_adapter: Path | None = None,
+                      fast_inference: bool = False, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer) with a trainable LoRA (or full weights when LoRA is off).
+
+    init_adapter: an earlier stage's output to continue from: a LoRA adapter folder (its
+    weights are loaded into the new trainable adapter) or a full model folder.
+    """
+    info = models.base_info(base_dir)
+    tokenizer = models.load_tokenizer(info["tokenizer"])
+    full_model_dir = init_adapter if init_adapter and (Path(init_adapter) / "config.json").exists() else None
+    adapter_dir = init_adapter if init_adapter and (Path(init_adapter) / "adapter_config.json").exists() else None
+    source = str(full_model_dir or info["model"])
+
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel  # imported before trl/transformers touch the model
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=source, max_seq_length=m.max_seq_length, load_in_4bit=m.load_in_4bit,
+            fast_inference=fast_inference, max_lora_rank=m.lora.r, gpu_memory_utilization=m.gpu_memory_utilization,
+            dtype=None if m.dtype == "auto" else models.torch_dtype(m.dtype), revision=info.get("revision"))
+        if m.lora.enabled:
+            model = FastLanguageModel.get_peft_model(
+                model, r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                target_modules=m.lora.target_modules, use_gradient_checkpointing="unsloth", random_state=seed)
+            if adapter_dir:
+                _load_adapter_weights(model, adapter_dir)
+        return model, tokenizer
+
+    model = models.load_causal_lm(source, dtype=m.dtype, revision=None if full_model_dir else info.get("revision"),
+                                  trust_remote_code=m.trust_remote_code)
+    if not m.lora.enabled:
+        return model, tokenizer
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True), tokenizer
+    config = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                        target_modules=m.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config), tokenizer
+
+
+def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{adapter_dir}: adapter does not match the model's LoRA layout "
+                           f"(unexpected keys such as {result.unexpected_keys[:3]}); same model.lora settings?")
+
+
+def memory_metrics() -> dict[str, float]:
+    """Peak GPU memory (allocated, reserved) on CUDA, else this process's resident memory."""
+    import torch
+
+    gib = 1024 ** 3
+    if torch.cuda.is_available():
+        return {"memory/cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
+                "memory/cuda_peak_reserved_gib": torch.cuda.max_memory_reserved() / gib}
+    import psutil
+
+    return {"memory/rss_gib": psutil.Process(os.getpid()).memory_info().rss / gib}
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """Logs every trainer log to the active MLflow run, with memory and throughput added;
+    stops with a clear error on a NaN/inf loss (before the bad step is checkpointed)."""
+
+    def __init__(self, completions_per_step: int | None = None):
+        self.completions_per_step = completions_per_step
+        self.history: list[dict[str, float]] = []
+        self._last_time: float | None = None
+        self._last_tokens: float | None = None
+        self.peak: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._last_time = time.perf_counter()
+        self._last_tokens = None
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        import mlflow
+
+        logs = dict(logs or {})
+        for key in ("loss", "train_loss"):
+            if key in logs and not math.isfinite(float(logs[key])):
+                raise NonFiniteLossError(
+                    f"{key} is {logs[key]} at step {state.global_step}; stopping. The last good checkpoint "
+                    f"(every save_steps) is kept in {args.output_dir}. Lower the learning rate or check the data.")
+        now = time.perf_counter()
+        elapsed = now - (self._last_time or now)
+        self._last_time = now
+        tokens = logs.get("num_tokens")
+        if tokens is not None and self._last_tokens is not None and elapsed > 0:
+            logs["throughput/train_tokens_per_s"] = (tokens - self._last_tokens) / elapsed
+        if tokens is not None:
+            self._last_tokens = tokens
+        mean_len = logs.get("completions/mean_length")
+        if mean_len is not None and self.completions_per_step and elapsed > 0:
+            steps = max(1, args.logging_steps)
+            logs["throughput/generated_tokens_per_s"] = mean_len * self.completions_per_step * steps / elapsed
+        logs["step_seconds"] = elapsed / max(1, args.logging_steps)
+        logs.update(memory_metrics())
+        for key, value in logs.items():
+            if key.startswith("memory/"):
+                self.peak[key] = max(self.peak.get(key, 0.0), value)
+        numeric = {k: float(v) for k, v in logs.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        self.history.append({"step": float(state.global_step), **numeric})
+        if mlflow.active_run() is not None:
+            from stages.common.tracking import metric_name
+
+            mlflow.log_metrics({metric_name(k): v for k, v in numeric.items()}, step=state.global_step)

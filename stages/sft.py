@@ -1,0 +1,89 @@
+"""Stage `sft`: format priming with TRL's SFTTrainer.
+
+    python -m stages.sft              # reads params.yaml: project, model, sft
+
+Trains on the SFT priming split (prompt = system + question as chat messages, completion =
+the worked solution in the answer format), so the loss covers only the assistant part.
+LoRA by default (model.lora), full fine-tuning when model.lora.enabled is false. With
+sft.enabled false the stage writes a `skipped.json` marker and GRPO starts from the base.
+Deviation from the seeds: the seeds prime in the same process as GRPO; here the adapter is
+saved and the grpo stage continues training that same adapter.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from stages.common import models, tracking
+from stages.common.params import Params, check_runtime, load_params
+from stages.common.paths import metrics_file, path
+from stages.common.training import MlflowMetricsCallback, load_for_training, optimizer, precision_flags
+
+SKIPPED = "skipped.json"
+
+
+def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    s, m = params.sft, params.model
+    if not s.enabled:
+        (out_dir / SKIPPED).write_text(json.dumps({"reason": "sft.enabled is false"}) + "\n")
+        return {"skipped": True}
+
+    check_runtime(params)
+    backend, why = models.choose_backend(m.backend)
+    print(f"sft: backend={backend} ({why})")
+    model, tokenizer = load_for_training(m, base_dir, backend, seed=s.seed)  # unsloth first, then trl
+
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    data = datasets.Dataset.from_parquet(str(sft_file)).select_columns(["prompt", "completion"])
+    if len(data) == 0:
+        raise ValueError(f"{sft_file} has no rows: set prepare.sft_examples > 0 or sft.enabled: false")
+    config = SFTConfig(
+        output_dir=str(out_dir / "trainer"), num_train_epochs=s.num_train_epochs, max_steps=s.max_steps,
+        learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, lr_scheduler_type=s.lr_scheduler_type,
+        optim=optimizer(s.optim, backend), weight_decay=s.weight_decay,
+        per_device_train_batch_size=s.per_device_train_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps, max_length=s.max_length,
+        logging_steps=s.logging_steps, seed=s.seed, save_strategy="no", report_to="none",
+        completion_only_loss=True, disable_tqdm=False, use_cpu=not models.has_cuda(),
+        **precision_flags(m.dtype))
+    callback = MlflowMetricsCallback()
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                         callbacks=[callback])
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+    trainer.model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    tok_model = Path(models.base_info(base_dir)["tokenizer"]) / "tokenizer.model"
+    if tok_model.exists():  # transformers 5 no longer writes it; llama.cpp and others want it
+        shutil.copy(tok_model, out_dir / "tokenizer.model")
+    losses = [h["loss"] for h in callback.history if "loss" in h]
+    return {
+        "backend": backend, "backend_reason": why, "steps": result.global_step,
+        "final_loss": losses[-1] if losses else result.training_loss, "train_loss": result.training_loss,
+        "examples": len(data), "seconds": round(seconds, 2), "lora": m.lora.enabled, **callback.peak,
+    }
+
+
+def main() -> None:
+    params = load_params()
+    with tracking.stage_run("sft", params):
+        metrics = run(params, path("prepared") / "sft.parquet", path("base_model"), path("sft"))
+        tracking.log_metrics({k: v for k, v in metrics.items() if k != "steps"}, prefix="final/")
+    out = metrics_file("sft")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
