@@ -1,0 +1,68 @@
+"""Shared fixtures: an isolated environment, tiny params, prepared data and the tiny model.
+
+Session-scoped fixtures build the tiny data and model once (a few seconds) in a temporary
+folder; tests never write into the project's own data/, models/ or mlruns/.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Before any stage module is imported: no hub, no telemetry, a private MLflow store.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PIPELINE_PARENT_RUN_ID", None)
+_MLRUNS = Path(os.environ.setdefault("PIPELINE_MLRUNS_DIR", f"/tmp/gsm8k-grpo-tests-{os.getpid()}/mlruns"))
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny(overrides: dict[str, Any] | None = None, preset: str = "tiny"):
+    """Params of a preset (default tiny) with nested overrides, validated by the real loader."""
+    from stages.common.params import validate
+    from stages.preset import resolve
+
+    return validate(_merge(resolve(preset).model_dump(), overrides or {}), origin=f"preset {preset} + test overrides")
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    return tiny()
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, tiny_params) -> Path:
+    from stages import prepare
+
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare.run(tiny_params, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tiny_params, prepared_dir) -> Path:
+    from stages import base_model
+
+    out = tmp_path_factory.mktemp("models") / "base"
+    base_model.run(tiny_params, prepared_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mlruns_dir() -> Path:
+    _MLRUNS.mkdir(parents=True, exist_ok=True)
+    return _MLRUNS
