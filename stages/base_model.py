@@ -52,7 +52,8 @@ def build_tokenizer(text: list[str], vocab_size: int, model_type: str, fmt: Answ
         model_type=model_type, byte_fallback=True, split_digits=True, character_coverage=1.0,
         pad_id=SPECIAL["pad"], unk_id=SPECIAL["unk"], bos_id=SPECIAL["bos"], eos_id=SPECIAL["eos"],
         user_defined_symbols=[fmt.reasoning_start, fmt.reasoning_end, fmt.solution_start, fmt.solution_end],
-        minloglevel=2, num_threads=2)
+        # A soft limit: a small corpus (synthetic arithmetic) supports fewer pieces than asked.
+        hard_vocab_limit=False, minloglevel=2, num_threads=2)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.model").write_bytes(model.getvalue())
     # transformers 5: construct through from_pretrained on a folder holding tokenizer.model;

@@ -21,14 +21,17 @@ class AnswerFormat:
     reasoning_end: str = "</think>"
     solution_start: str = "<SOLUTION>"
     solution_end: str = "</SOLUTION>"
+    # None: the default instructions below; "": no system message at all.
+    system_prompt: str | None = None
 
-    @property
-    def system_prompt(self) -> str:
-        return (
-            "Solve the problem. Write your step-by-step reasoning between "
-            f"{self.reasoning_start} and {self.reasoning_end}, then give only the final "
-            f"number between {self.solution_start} and {self.solution_end}."
-        )
+    def __post_init__(self) -> None:
+        if self.system_prompt is None:
+            default = (
+                "Solve the problem. Write your step-by-step reasoning between "
+                f"{self.reasoning_start} and {self.reasoning_end}, then give only the final "
+                f"number between {self.solution_start} and {self.solution_end}."
+            )
+            object.__setattr__(self, "system_prompt", default)
 
     def completion(self, reasoning: str, answer: str) -> str:
         """The assistant text the model should produce (used for SFT targets)."""
@@ -56,11 +59,9 @@ class AnswerFormat:
         )
 
     def messages(self, question: str) -> list[dict[str, str]]:
-        """The prompt as chat messages: system prompt, then the question."""
-        return [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": question.strip()},
-        ]
+        """The prompt as chat messages: system prompt (if any), then the question."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + [{"role": "user", "content": question.strip()}]
 
 
 DEFAULT_FORMAT = AnswerFormat()

@@ -106,8 +106,9 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None, prefix: str = 
     """Log the finite numeric leaves of a (nested) metrics dict."""
     import mlflow
 
+    # Booleans (a check passed) become 0/1 so they show up next to the numbers.
     flat = {metric_name(prefix + k): float(v) for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if isinstance(v, (int, float)) and math.isfinite(v)}
     if flat:
         mlflow.log_metrics(flat, step=step)
 

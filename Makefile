@@ -1,0 +1,27 @@
+# The two commands (README): `make pipeline` runs the whole pipeline on the tiny CPU profile,
+# `make test` runs the test suite. Both install what they need into .venv first (idempotent).
+PY := .venv/bin/python
+PRESET ?= tiny
+
+.PHONY: install pipeline repro test test-fast clean-outputs
+
+install:
+	@bash scripts/install.sh
+
+# Write preset $(PRESET) to params.yaml (a params change DVC sees), then run every stage through
+# the Prefect flow, which calls `dvc repro` stage by stage.
+pipeline: install
+	$(PY) -m flows.pipeline --preset $(PRESET)
+
+# The same stages without Prefect.
+repro: install
+	.venv/bin/dvc repro
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean-outputs:
+	rm -rf data/prepared models checkpoints reports metrics plots mlruns

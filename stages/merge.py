@@ -1,0 +1,234 @@
+"""Stage `merge`: fold the GRPO adapter into the base weights and save a 16-bit HF model.
+
+    python -m stages.merge            # reads params.yaml: project, model, merge
+
+The merged folder is a plain Hugging Face model (safetensors, config, generation config,
+tokenizer files, chat template): what the gguf stage converts and the registry stores.
+transformers 5 leaves out what llama.cpp's converter reads, so `tokenizer.model` is copied
+from the base and `added_tokens_decoder`, `add_bos_token` and `add_eos_token` are written
+back into tokenizer_config.json. Merging is Unsloth's `save_pretrained_merged` on the GPU
+path (it also dequantizes a QLoRA base) and peft's `merge_and_unload` otherwise; a GRPO
+output that is already a full model (full fine-tuning) is simply re-saved in 16 bits.
+
+The check: for `merge.check_prompts` chat-templated eval questions, the saved merged model
+must produce the same greedy tokens as base + adapter over `merge.check_tokens` tokens, and
+its logits at the last position of prompt + continuation must lie within `merge.atol`. It
+catches a merge that silently drops the adapter. Deviation: both sides run in float32, so
+the check measures the merge and the 16-bit storage, not the compute precision.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stages.common import models, tracking
+from stages.common.answer_format import AnswerFormat
+from stages.common.params import Params, check_runtime, load_params
+from stages.common.paths import metrics_file, path
+
+CHECK_DTYPE = "float32"
+FOUR_BIT_DIR = "bnb-4bit"  # inside the merged folder, so the stage keeps one declared output
+
+
+class MergeCheckError(RuntimeError):
+    """The merged model does not reproduce base + adapter."""
+
+
+# ------------------------------------------------------------------ inputs
+def is_adapter(grpo_dir: Path) -> bool:
+    """True for a peft LoRA folder, False for a full model folder; anything else is an error."""
+    if (grpo_dir / "adapter_config.json").exists():
+        return True
+    if (grpo_dir / "config.json").exists():
+        return False
+    raise FileNotFoundError(f"{grpo_dir} holds neither a LoRA adapter (adapter_config.json) nor a full model "
+                            "(config.json): run the grpo stage first (dvc repro grpo)")
+
+
+def tokenizer_source(base_dir: Path, grpo_dir: Path) -> Path:
+    """The GRPO output's tokenizer when it saved one (it may carry the chat template), else the base's."""
+    if (grpo_dir / "tokenizer_config.json").exists():
+        return grpo_dir
+    return Path(models.base_info(base_dir)["tokenizer"])
+
+
+def save_tokenizer(tokenizer, base_dir: Path, grpo_dir: Path, out: Path) -> None:
+    tokenizer.save_pretrained(str(out))
+    write_converter_hints(tokenizer, out / "tokenizer_config.json")
+    if (out / "tokenizer.model").exists():
+        return
+    # transformers 5 no longer writes tokenizer.model; llama.cpp's converter reads it.
+    for folder in (grpo_dir, Path(models.base_info(base_dir)["tokenizer"])):
+        if (folder / "tokenizer.model").exists():
+            shutil.copy(folder / "tokenizer.model", out / "tokenizer.model")
+            return
+
+
+def write_converter_hints(tokenizer, config_file: Path) -> None:
+    """Put back into tokenizer_config.json what transformers 5 leaves out and llama.cpp reads.
+
+    Without `added_tokens_decoder` the converter stores SentencePiece added tokens (the answer
+    tags) as normal pieces, which llama.cpp then splits into characters; without
+    `add_bos_token` llama.cpp prepends BOS to SentencePiece prompts where HF does not.
+    Keys the tokenizer already wrote are kept.
+    """
+    config = json.loads(config_file.read_text())
+    config.setdefault("added_tokens_decoder", {
+        str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                 "normalized": t.normalized, "single_word": t.single_word}
+        for i, t in sorted(tokenizer.added_tokens_decoder.items())})
+    probe = tokenizer("1").input_ids  # what the tokenizer adds around plain text on its own
+    config.setdefault("add_bos_token", tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    config.setdefault("add_eos_token", tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_dtype(compute_dtype: str):
+    """bfloat16 where training computes in it, else float16 (what llama.cpp's f16 output keeps)."""
+    import torch
+
+    return torch.bfloat16 if models.torch_dtype(compute_dtype) == torch.bfloat16 else torch.float16
+
+
+# ------------------------------------------------------------------ merging
+def merge_peft(base_dir: Path, grpo_dir: Path, dtype, out: Path, trust_remote_code: bool = False) -> None:
+    """Merge in float32 with peft (or load a full model), cast to the 16-bit dtype, save."""
+    model = models.load_with_adapter(base_dir, grpo_dir, dtype=CHECK_DTYPE, trust_remote_code=trust_remote_code)
+    if is_adapter(grpo_dir):
+        model = model.merge_and_unload()
+    model.to(dtype).save_pretrained(str(out))
+
+
+def merge_unsloth(params: Params, grpo_dir: Path, out: Path) -> None:  # pragma: no cover - needs CUDA + unsloth
+    """Unsloth's merged save: loads base + adapter (a 4-bit base is dequantized) and writes 16-bit weights."""
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(grpo_dir), max_seq_length=params.model.max_seq_length, dtype=None,
+        load_in_4bit=params.model.load_in_4bit)
+    model.save_pretrained_merged(str(out), tokenizer, save_method="merged_16bit")
+
+
+def save_4bit(merged: Path, out: Path) -> None:  # pragma: no cover - needs CUDA + bitsandbytes
+    """A bitsandbytes NF4 copy of the merged model, for GPU serving without a 16-bit footprint."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not models.has_cuda():
+        raise RuntimeError("merge.merged_4bit needs CUDA (bitsandbytes); set merge.merged_4bit: false")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(merged), quantization_config=quant, device_map="auto")
+    model.save_pretrained(str(out))
+
+
+# ------------------------------------------------------------------ the check
+def check_prompts(eval_file: Path, n: int, tokenizer, fmt: AnswerFormat) -> list[str]:
+    """The first n eval questions, rendered with the chat template as the model sees them."""
+    questions = pd.read_parquet(eval_file)["question"].head(n).tolist()
+    if len(questions) < n:
+        raise ValueError(f"{eval_file} has {len(questions)} questions; merge.check_prompts wants {n}")
+    return [tokenizer.apply_chat_template(fmt.messages(q), tokenize=False, add_generation_prompt=True)
+            for q in questions]
+
+
+def _greedy(model, tokenizer, prompt: str, tokens: int):
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        logits = model(out).logits[0, -1].float()
+    return out[0, ids.shape[1]:].tolist(), out, logits
+
+
+def compare(reference, candidate, tokenizer, prompts: list[str], tokens: int, atol: float) -> dict[str, Any]:
+    """Greedy tokens must match; last-position logits over the reference sequence must agree within atol."""
+    import torch
+
+    same, max_diff, compared = True, 0.0, 0
+    for prompt in prompts:
+        ref_tokens, ref_seq, ref_logits = _greedy(reference, tokenizer, prompt, tokens)
+        cand_tokens, _, _ = _greedy(candidate, tokenizer, prompt, tokens)
+        with torch.no_grad():  # both models score the same sequence, so their logits line up
+            cand_logits = candidate(ref_seq.to(candidate.device)).logits[0, -1].float()
+        same &= ref_tokens == cand_tokens
+        max_diff = max(max_diff, (ref_logits - cand_logits.to(ref_logits.device)).abs().max().item())
+        compared += len(ref_tokens)
+    return {"passed": bool(same and max_diff <= atol), "tokens_equal": bool(same),
+            "max_logit_diff": max_diff, "atol": atol, "tokens_compared": compared, "prompts": len(prompts)}
+
+
+def verify(base_dir: Path, grpo_dir: Path, merged_dir: Path, eval_file: Path, params: Params) -> dict[str, Any]:
+    """Load base + adapter and the saved merged model (both float32) and compare them."""
+    device = "cuda" if models.has_cuda() else "cpu"
+    fmt = AnswerFormat(**params.project.answer_format.model_dump())
+    tokenizer = models.load_tokenizer(merged_dir)
+    trust = params.model.trust_remote_code
+    reference = models.load_with_adapter(base_dir, grpo_dir, dtype=CHECK_DTYPE, trust_remote_code=trust).to(device)
+    candidate = models.load_causal_lm(merged_dir, dtype=CHECK_DTYPE, trust_remote_code=trust).eval().to(device)
+    prompts = check_prompts(eval_file, params.merge.check_prompts, tokenizer, fmt)
+    return compare(reference, candidate, tokenizer, prompts, params.merge.check_tokens, params.merge.atol)
+
+
+# ------------------------------------------------------------------ stage
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def run(params: Params, base_dir: Path, grpo_dir: Path, eval_file: Path, out: Path) -> dict[str, Any]:
+    check_runtime(params)
+    start = time.perf_counter()
+    adapter = is_adapter(grpo_dir)
+    backend, why = models.choose_backend(params.model.backend)
+    backend = backend if adapter else "trl"  # a full model needs no merge, only a re-save
+    print(f"merge: backend={backend} ({why}); input is {'a LoRA adapter' if adapter else 'a full model'}")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    dtype = save_dtype(params.model.dtype)
+    tokenizer = models.load_tokenizer(tokenizer_source(base_dir, grpo_dir))
+    if backend == "unsloth":
+        merge_unsloth(params, grpo_dir, out)
+    else:
+        merge_peft(base_dir, grpo_dir, dtype, out, params.model.trust_remote_code)
+    save_tokenizer(tokenizer, base_dir, grpo_dir, out)
+    merge_seconds = time.perf_counter() - start
+
+    check = verify(base_dir, grpo_dir, out, eval_file, params)
+    metrics = {
+        "backend": backend, "backend_reason": why, "input": "adapter" if adapter else "full_model",
+        "dtype": str(dtype).removeprefix("torch."), "check": check, "bytes": folder_bytes(out),
+        "merge_seconds": round(merge_seconds, 2),
+    }
+    if params.merge.merged_4bit:
+        save_4bit(out, out / FOUR_BIT_DIR)
+        metrics["bytes_4bit"] = folder_bytes(out / FOUR_BIT_DIR)
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    if not check["passed"]:
+        raise MergeCheckError(
+            f"the merged model in {out} does not reproduce base + adapter from {grpo_dir}: "
+            f"greedy tokens equal={check['tokens_equal']}, max logit diff {check['max_logit_diff']:.3g} "
+            f"(merge.atol {check['atol']}). A merge that dropped the adapter looks like this.")
+    return metrics
+
+
+def main() -> None:
+    params = load_params()
+    with tracking.stage_run("merge", params):
+        metrics = run(params, path("base_model"), path("grpo"), path("prepared") / "eval.parquet", path("merged"))
+        tracking.log_metrics(metrics)
+    out = metrics_file("merge")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
