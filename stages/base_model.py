@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.common import tracking
 from stages.common.answer_format import AnswerFormat
 from stages.common.models import BASE_INFO
 from stages.common.params import ModelParams, Params, check_runtime, load_params
-from stages.common.paths import metrics_file, path
+from stages.common.paths import path, write_metrics
 
 SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 
@@ -129,11 +130,10 @@ def run(params: Params, prepared: Path, out: Path) -> dict:
 
 def main() -> None:
     params = load_params()
-    metrics = run(params, path("prepared"), path("base_model"))
-    file = metrics_file("base_model")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    with tracking.stage_run("base_model", params, section="model"):
+        metrics = run(params, path("prepared"), path("base_model"))
+        tracking.log_metrics(metrics)
+    write_metrics("base_model", metrics)
 
 
 if __name__ == "__main__":

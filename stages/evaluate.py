@@ -453,20 +453,9 @@ def log_child_run(result: ModelResult, params: Params) -> None:
         mlflow.log_table(data=table, artifact_file=f"eval_{spec.name}_samples.json")
 
 
-def _write_metrics(stage: str, metrics: dict[str, Any]) -> None:
-    from stages.common.paths import metrics_file
-
-    file = metrics_file(stage)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
-
-
 def main() -> None:
-    import mlflow
-
     from stages.common import tracking
-    from stages.common.paths import metrics_file, path
+    from stages.common.paths import metrics_file, path, write_metrics
 
     parser = argparse.ArgumentParser(description="GSM8K evaluation with lm-eval (stages evaluate_base / evaluate).")
     parser.add_argument("target", choices=["base", "tuned"], default="tuned", nargs="?",
@@ -475,10 +464,8 @@ def main() -> None:
     params = load_params()
     eval_file = path("prepared") / "eval.parquet"
     stage = "evaluate_base" if target == "base" else "evaluate"
-    with tracking.stage_run(stage, params):
+    with tracking.stage_run(stage, params, section="evaluate"):
         if target == "base":
-            # stage_run logs the params section named like the stage; this stage reads `evaluate`.
-            mlflow.log_params({k: str(v) for k, v in tracking.flatten({"evaluate": params.evaluate.model_dump()}).items()})
             metrics = run_base(params, path("base_model"), eval_file, path("eval") / BASE_OUT, log_child_run)
             stage_file = "eval_base"
         else:
@@ -489,7 +476,7 @@ def main() -> None:
                           json.loads(base_file.read_text()), path("eval") / TUNED_OUT, log_child_run)
             stage_file = "evaluate"
         tracking.log_metrics(metrics)
-    _write_metrics(stage_file, metrics)
+    write_metrics(stage_file, metrics)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ so text prompts may tokenize differently; `prompt_tokens_match` reports whether 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ import pandas as pd
 from stages.common import models, tracking
 from stages.common.answer_format import AnswerFormat, extract_gold, parse
 from stages.common.params import ROOT, GGUFParams, Params, check_runtime, load_params
-from stages.common.paths import metrics_file, path
+from stages.common.paths import path, write_metrics
 
 FETCH_SCRIPT = ROOT / "scripts" / "fetch_llama_cpp.sh"
 
@@ -290,10 +289,7 @@ def main() -> None:
     with tracking.stage_run("gguf", params):
         metrics = run(params, path("merged"), path("prepared") / "eval.parquet", path("gguf"))
         tracking.log_metrics(metrics)
-    out = metrics_file("gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    write_metrics("gguf", metrics)
 
 
 if __name__ == "__main__":

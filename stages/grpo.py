@@ -31,7 +31,7 @@ from typing import Any
 from stages.common import models, tracking
 from stages.common.answer_format import AnswerFormat, completion_text, parse
 from stages.common.params import Params, check_runtime, load_params
-from stages.common.paths import metrics_file, path
+from stages.common.paths import path, write_metrics
 
 RUN_STATE = "run_state.json"
 # Keys that may change between a checkpoint and its resume (a longer budget, other logging).
@@ -343,14 +343,12 @@ def train(params: Params) -> dict:
         tracking.log_metrics(metrics, prefix="final/")
         mlflow.log_artifact(str(plots_dir / "grpo_rewards.png"))
         mlflow.log_artifact(str(plots_dir / "grpo_rewards.csv"))
-    out = metrics_file("grpo")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics("grpo", metrics)
     return metrics
 
 
 def main() -> None:
-    print(json.dumps(train(load_params()), indent=2))
+    train(load_params())
 
 
 if __name__ == "__main__":

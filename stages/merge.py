@@ -29,7 +29,7 @@ import pandas as pd
 from stages.common import models, tracking
 from stages.common.answer_format import AnswerFormat
 from stages.common.params import Params, check_runtime, load_params
-from stages.common.paths import metrics_file, path
+from stages.common.paths import path, write_metrics
 
 CHECK_DTYPE = "float32"
 FOUR_BIT_DIR = "bnb-4bit"  # inside the merged folder, so the stage keeps one declared output
@@ -224,10 +224,7 @@ def main() -> None:
     with tracking.stage_run("merge", params):
         metrics = run(params, path("base_model"), path("grpo"), path("prepared") / "eval.parquet", path("merged"))
         tracking.log_metrics(metrics)
-    out = metrics_file("merge")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    write_metrics("merge", metrics)
 
 
 if __name__ == "__main__":

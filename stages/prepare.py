@@ -9,7 +9,6 @@ and dropped or fail the stage (prepare.on_bad_rows); train/test overlap is check
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.common import tracking
 from stages.common.answer_format import AnswerFormat, extract_gold, worked_solution
 from stages.common.params import Params, PrepareParams, load_params
-from stages.common.paths import metrics_file, path
+from stages.common.paths import path, write_metrics
 
 
 class DataError(ValueError):
@@ -236,11 +236,10 @@ def run(params: Params, out_dir: Path) -> dict:
 
 def main() -> None:
     params = load_params()
-    metrics = run(params, path("prepared"))
-    out = metrics_file("prepare")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    with tracking.stage_run("prepare", params):
+        metrics = run(params, path("prepared"))
+        tracking.log_metrics(metrics)
+    write_metrics("prepare", metrics)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import yaml
 from stages.common import tracking
 from stages.common.models import base_info
 from stages.common.params import ROOT, Params, PrepareParams, load_params
-from stages.common.paths import metrics_file, path
+from stages.common.paths import metrics_file, path, write_metrics
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 STRICT_TAG, FLEXIBLE_TAG = "gsm8k_strict", "gsm8k_flexible"
@@ -223,8 +223,6 @@ def run(params: Params, base_dir: Path, adapter_dir: Path, merged_dir: Path, ggu
     if not evaluation_file.exists():
         raise FileNotFoundError(f"{evaluation_file} not found: run the evaluate stage first")
     start = time.perf_counter()
-    # stage_run logs the section named like the stage; this stage's section is `registry`.
-    mlflow.log_params({f"registry.{k}": v for k, v in params.registry.model_dump().items()})
     name, adapter_name = params.project.name, f"{params.project.name}-adapter"
     scores = gsm8k_scores(json.loads(evaluation_file.read_text()))
 
@@ -295,13 +293,10 @@ def run(params: Params, base_dir: Path, adapter_dir: Path, merged_dir: Path, ggu
 
 def main() -> None:
     params = load_params()
-    with tracking.stage_run("register", params):
+    with tracking.stage_run("register", params, section="registry"):
         metrics = run(params, path("base_model"), path("grpo"), path("merged"), path("gguf"),
                       metrics_file("evaluate"), path("eval") / "register.md")
-    out = metrics_file("register")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    write_metrics("register", metrics)
 
 
 if __name__ == "__main__":

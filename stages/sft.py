@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stages.common import models, tracking
 from stages.common.params import Params, check_runtime, load_params
-from stages.common.paths import metrics_file, path
+from stages.common.paths import path, write_metrics
 from stages.common.training import MlflowMetricsCallback, load_for_training, optimizer, precision_flags
 
 SKIPPED = "skipped.json"
@@ -79,10 +79,7 @@ def main() -> None:
     with tracking.stage_run("sft", params):
         metrics = run(params, path("prepared") / "sft.parquet", path("base_model"), path("sft"))
         tracking.log_metrics({k: v for k, v in metrics.items() if k != "steps"}, prefix="final/")
-    out = metrics_file("sft")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    write_metrics("sft", metrics)
 
 
 if __name__ == "__main__":

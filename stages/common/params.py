@@ -97,7 +97,9 @@ class PrepareParams(Section):
 # --------------------------------------------------------------------------- model
 class TinyModelParams(Section):
     vocab_size: int = F(4096, "SentencePiece vocabulary size (multiple of 256 keeps GGUF k-quants exact).", ge=256)
-    hidden_size: int = F(256, "Hidden width; a multiple of 256 so llama.cpp k-quants apply.", ge=256, multiple_of=256)
+    hidden_size: int = F(256, "Hidden width. Multiples of 256 keep llama.cpp k-quants exact (the tiny default); smaller "
+                         "multiples of 64 are allowed for CPU experiments, and the gguf stage reports any k-quant llama.cpp replaces.",
+                         ge=64, multiple_of=64)
     intermediate_size: int = F(512, "MLP width; a multiple of 256.", ge=256, multiple_of=256)
     num_layers: int = F(2, "Decoder layers.", ge=1)
     num_heads: int = F(4, "Attention heads (head dim = hidden_size / num_heads).", ge=1)

@@ -35,3 +35,15 @@ def path(key: str) -> Path:
 
 def metrics_file(stage: str) -> Path:
     return path("metrics") / f"{stage}.json"
+
+
+def write_metrics(stage: str, metrics: dict) -> Path:
+    """Write a stage's metrics JSON (the file dvc.yaml declares) and echo it."""
+    import json
+
+    out = metrics_file(stage)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(metrics, indent=2) + "\n"
+    out.write_text(text)
+    print(text, end="")
+    return out

@@ -6,14 +6,21 @@ file store in maintenance mode). MLFLOW_TRACKING_URI switches to a server.
 Nesting: every stage run is a child of one pipeline run. The Prefect flow passes its parent
 in PIPELINE_PARENT_RUN_ID; under a plain `dvc repro` the first stage creates a parent for
 that `dvc` process and the later stages find it by tag. A stage run by hand stands alone.
+
+Outages of a tracking server: a stage that cannot reach it at the start fails in seconds,
+before any work (TrackingUnavailable); once the work is done, a failed metrics log or end of
+run only warns (tolerate_outage), so a finished stage keeps its outputs. Credentials
+(MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN) are read by MLflow from the environment only.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,12 +31,18 @@ from stages.common.params import ROOT, Params
 from stages.common.paths import ROOT as WORKSPACE
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
+log = logging.getLogger(__name__)
 # The local store; tests point it elsewhere with PIPELINE_MLRUNS_DIR.
 MLRUNS = Path(os.environ.get("PIPELINE_MLRUNS_DIR") or WORKSPACE / "mlruns")
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
+
+
+def redact(text: str) -> str:
+    """Text with the user:password of any URL in it masked, for messages and logs."""
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
 
 
 def is_local() -> bool:
@@ -51,6 +64,44 @@ def setup(experiment: str) -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server could not be used when a stage started; nothing was loaded or trained."""
+
+
+@contextlib.contextmanager
+def quick_http(retries: int = 0, timeout_s: int = 10) -> Iterator[None]:
+    """MLflow HTTP calls in this block give up after `retries` retries and `timeout_s` seconds.
+
+    MLflow retries a refused connection 7 times with growing backoff (minutes) and reads its
+    settings from the environment at each request, so they are set here for the block only,
+    and only those the user has not set.
+    """
+    added = {k: v for k, v in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+                               "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def tolerate_outage(what: str) -> Iterator[None]:
+    """For tracking calls after the work is done: with a tracking server that cannot be reached,
+    warn (naming `what`) and go on instead of failing the stage. The local store still raises."""
+    if is_local():
+        yield
+        return
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with quick_http(retries=1):
+            yield
+    except (MlflowException, OSError) as err:
+        log.warning("MLflow at %s could not be reached: %s (%s)", redact(tracking_uri()), what, redact(str(err)))
 
 
 def git_commit() -> str:
@@ -110,7 +161,23 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None, prefix: str = 
     flat = {metric_name(prefix + k): float(v) for k, v in flatten(metrics).items()
             if isinstance(v, (int, float)) and math.isfinite(v)}
     if flat:
-        mlflow.log_metrics(flat, step=step)
+        with tolerate_outage(f"{len(flat)} metrics such as {next(iter(flat))!r} were not logged; "
+                             "the stage's metrics file keeps them"):
+            mlflow.log_metrics(flat, step=step)
+
+
+def replay_unlogged(file: Path) -> int:
+    """Send the metrics a training callback kept in `file` during a server outage to their runs
+    (same steps and timestamps); the file is then renamed *.sent. Returns the number of logs."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri())
+    entries = [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
+    for e in entries:
+        client.log_batch(e["run_id"], metrics=[Metric(k, v, e["timestamp"], e["step"]) for k, v in e["metrics"].items()])
+    Path(file).rename(Path(file).with_name(Path(file).name + ".sent"))
+    return len(entries)
 
 
 def _dvc_session() -> str | None:
@@ -151,11 +218,13 @@ def _parent_run_id(exp_id: str, params: Params) -> str | None:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = None,
-              resume_run_id: str | None = None) -> Iterator[Any]:
-    """Open the MLflow run of one stage execution: nested, tagged, its params section logged."""
+              resume_run_id: str | None = None, section: str | None = None) -> Iterator[Any]:
+    """Open the MLflow run of one stage execution: nested, tagged, its params section logged
+    (`section`, default the stage's name: evaluate_base reads `evaluate`, register `registry`)."""
     import mlflow
 
-    exp_id = setup(params.project.name)
+    # The flow may name another experiment (--experiment); the stages follow it.
+    exp_id = _connect(stage, os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.project.name)
     mlflow.enable_system_metrics_logging()
     mlflow.set_system_metrics_sampling_interval(5)
     if resume_run_id:
@@ -165,15 +234,42 @@ def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = No
         run = mlflow.start_run(run_name=stage, parent_run_id=parent, log_system_metrics=True, tags={
             "stage": stage, "git_commit": git_commit(), "inputs_digest": inputs_digest(stage),
             **(extra_tags or {})})
-        section = getattr(params, stage, None)
+        name = section or stage
         logged = {"project": params.project.model_dump(), "model": params.model.model_dump()}
-        if section is not None:
-            logged[stage] = section.model_dump()
+        if getattr(params, name, None) is not None:
+            logged[name] = getattr(params, name).model_dump()
         mlflow.log_params({k: str(v)[:6000] for k, v in flatten(logged).items()})
     try:
         yield run
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        _end_run(run.info.run_id, "FAILED")
         raise
     else:
-        mlflow.end_run(status="FINISHED")
+        _end_run(run.info.run_id, "FINISHED")
+
+
+def _connect(stage: str, experiment: str) -> str:
+    """setup() for a stage: the first contact with a tracking server, so it fails in seconds
+    (not after minutes of retries) and says that nothing was started."""
+    if is_local():
+        return setup(experiment)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with quick_http(retries=1):
+            return setup(experiment)
+    except (MlflowException, OSError) as err:
+        raise TrackingUnavailable(
+            f"stage {stage} did not start (no model loaded, no training): the MLflow tracking server "
+            f"{redact(tracking_uri())} cannot be used: {redact(str(err))}\nStart the server, fix MLFLOW_TRACKING_URI (credentials: "
+            f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN), or unset it to "
+            f"log to the local store.") from err
+
+
+def _end_run(run_id: str, status: str) -> None:
+    """End the active run; a server gone by now costs a warning, not the finished stage."""
+    import mlflow
+
+    with tolerate_outage(f"run {run_id} was not marked {status} and shows as RUNNING; mark it later with "
+                         f"mlflow.MlflowClient().set_terminated({run_id!r}, {status!r})"):
+        mlflow.end_run(status=status)

@@ -1,11 +1,14 @@
 """What the sft and grpo stages share: model setup per backend, dtype flags, and callbacks
-that log to MLflow (metrics with memory and throughput, NaN guard).
+that log to MLflow (metrics with memory and throughput, NaN guard). A tracking server that
+goes away mid-training does not stop training: see MlflowMetricsCallback.
 
 The backend is chosen once (stages.common.models.choose_backend); both stages call
 `load_for_training`, which returns a model ready for TRL's trainers.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import time
@@ -16,6 +19,9 @@ from transformers import TrainerCallback
 
 from stages.common import models
 from stages.common.params import ModelParams
+
+UNLOGGED = "unlogged_metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,11 +109,20 @@ def memory_metrics() -> dict[str, float]:
 
 class MlflowMetricsCallback(TrainerCallback):
     """Logs every trainer log to the active MLflow run, with memory and throughput added;
-    stops with a clear error on a NaN/inf loss (before the bad step is checkpointed)."""
+    stops with a clear error on a NaN/inf loss (before the bad step is checkpointed).
 
-    def __init__(self, completions_per_step: int | None = None):
+    Logs that MLflow does not take (its server went away) are kept, oldest first, and sent
+    again at the next log; training goes on. Those still unsent when training ends are written
+    to `unlogged_file` (default <output_dir>/unlogged_metrics.jsonl; one JSON object per log:
+    run_id, step, timestamp in ms, metrics) with a warning; tracking.replay_unlogged sends them.
+    """
+
+    def __init__(self, completions_per_step: int | None = None, unlogged_file: Path | None = None):
         self.completions_per_step = completions_per_step
+        self.unlogged_file = unlogged_file
         self.history: list[dict[str, float]] = []
+        self.pending: list[dict[str, Any]] = []
+        self._failing = False
         self._last_time: float | None = None
         self._last_tokens: float | None = None
         self.peak: dict[str, float] = {}
@@ -148,4 +163,45 @@ class MlflowMetricsCallback(TrainerCallback):
         if mlflow.active_run() is not None:
             from stages.common.tracking import metric_name
 
-            mlflow.log_metrics({metric_name(k): v for k, v in numeric.items()}, step=state.global_step)
+            self.pending.append({"run_id": mlflow.active_run().info.run_id, "step": state.global_step,
+                                 "timestamp": int(time.time() * 1000),
+                                 "metrics": {metric_name(k): v for k, v in numeric.items()}})
+            self._send(state.global_step)
+
+    def on_train_end(self, args, state, control, **kw):
+        if not self.pending or self._send(state.global_step):
+            return
+        file = Path(self.unlogged_file or Path(args.output_dir) / UNLOGGED)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with file.open("a") as out:
+            for entry in self.pending:
+                out.write(json.dumps(entry) + "\n")
+        log.warning("MLflow still unreachable at the end of training: the metrics of %d logs (steps %s-%s) "
+                    "were written to %s; send them later with stages.common.tracking.replay_unlogged",
+                    len(self.pending), self.pending[0]["step"], self.pending[-1]["step"], file)
+        self.pending = []
+
+    def _send(self, step: int) -> bool:
+        """Send the kept logs, oldest first; True when none is left."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from stages.common.tracking import quick_http, redact
+
+        while self.pending:
+            entry = self.pending[0]
+            try:
+                with quick_http():  # a server that is down costs milliseconds per log, not minutes of retries
+                    mlflow.log_metrics(entry["metrics"], step=entry["step"], timestamp=entry["timestamp"],
+                                       run_id=entry["run_id"])
+            except (MlflowException, OSError) as err:
+                if not self._failing:
+                    log.warning("MLflow did not take the metrics of step %s (%s); training goes on, the metrics "
+                                "are kept and sent again at every log", step, redact(str(err)))
+                self._failing = True
+                return False
+            self.pending.pop(0)
+        if self._failing:
+            log.warning("MLflow takes metrics again (step %s): the kept logs were sent", step)
+            self._failing = False
+        return True

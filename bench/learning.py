@@ -1,0 +1,149 @@
+"""Learning proof: GRPO measurably improves a model on CPU (presets/learn.yaml).
+
+    .venv/bin/python bench/learning.py [--seeds 0 1 2] [--preset learn] [--set grpo.max_steps=150]
+
+For each seed, in a fresh workspace (PIPELINE_WORKDIR), the real stages run as DVC would run
+them: prepare (synthetic 2-digit addition), base_model (tokenizer + random Llama), sft (short
+priming), grpo (question + answer only), evaluate_base and evaluate (lm-eval, greedy, the
+held-out split). Reports base / SFT / GRPO strict accuracy per seed, the per-reward curves
+and the fraction of zero-std groups (PNG), and flags reward hacking: a format reward that rises
+while correctness stays flat. Writes bench/results/learning.json and learning.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STAGES = [["prepare"], ["base_model"], ["sft"], ["grpo"], ["evaluate", "base"], ["evaluate", "tuned"]]
+FORMAT_REWARDS = ("format_exact", "format_approx", "tag_count")
+
+
+def hacking_flag(rows: list[dict[str, float]], correctness: str = "rewards/correctness/mean") -> dict:
+    """Compare the first and last quarter of training: a format reward that rose while
+    correctness did not (gain under 0.01) is flagged."""
+    quarter = max(1, len(rows) // 4)
+    first, last = rows[:quarter], rows[-quarter:]
+
+    def gain(key: str) -> float | None:
+        a = [r[key] for r in first if key in r]
+        b = [r[key] for r in last if key in r]
+        return statistics.mean(b) - statistics.mean(a) if a and b else None
+
+    correct = gain(correctness)
+    formats = {k: gain(f"rewards/{k}/mean") for k in FORMAT_REWARDS if gain(f"rewards/{k}/mean") is not None}
+    flagged = correct is not None and correct < 0.01 and any(g > 0.01 for g in formats.values())
+    return {"correctness_gain": correct, "format_gains": formats, "flagged": flagged}
+
+
+def read_curve(file: Path) -> list[dict[str, float]]:
+    with file.open() as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict) -> dict:
+    from stages.common.params import validate
+    from stages.preset import _merge, render, resolve
+
+    work = base / f"seed{seed}"
+    work.mkdir(parents=True)
+    raw = _merge(resolve(preset).model_dump(), {"project": {"seed": seed}, "sft": {"seed": seed}, "grpo": {"seed": seed}})
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (work / "params.yaml").write_text(render(validate(raw)))
+    seed_env = {**env, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns")}
+    times = {}
+    for stage in STAGES:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], cwd=ROOT, env=seed_env,
+                              capture_output=True, text=True)
+        times["_".join(stage)] = round(time.perf_counter() - start, 1)
+        if done.returncode:
+            raise SystemExit(f"seed {seed}: stage {' '.join(stage)} failed:\n{done.stderr[-4000:]}")
+        print(f"seed {seed}: {' '.join(stage)} {times['_'.join(stage)]} s", flush=True)
+    evaluation = json.loads((work / "metrics" / "evaluate.json").read_text())
+    rows = read_curve(work / "plots" / "grpo_rewards.csv")
+    return {
+        "seed": seed, "seconds": times, "total_seconds": round(sum(times.values()), 1),
+        "accuracy": {m: evaluation[m]["strict"] for m in ("base", "sft", "grpo")},
+        "grpo_minus_sft": evaluation["grpo"]["strict"] - evaluation["sft"]["strict"],
+        "curve": rows, "hacking": hacking_flag(rows),
+    }
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for r in results:
+        steps = [row["step"] for row in r["curve"]]
+        for key, ax in (("rewards/correctness/mean", axes[0]), ("frac_reward_zero_std", axes[2])):
+            ax.plot(steps, [row.get(key) for row in r["curve"]], label=f"seed {r['seed']}")
+        fmt = next((k for k in FORMAT_REWARDS if f"rewards/{k}/mean" in r["curve"][0]), None)
+        if fmt:
+            axes[1].plot(steps, [row.get(f"rewards/{fmt}/mean") for row in r["curve"]], label=f"seed {r['seed']} ({fmt})")
+    axes[0].set(title="correctness reward (mean per step)", xlabel="GRPO step")
+    axes[1].set(title="format reward (mean per step)", xlabel="GRPO step")
+    axes[2].set(title="fraction of groups with zero reward std", xlabel="GRPO step", ylim=(-0.05, 1.05))
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--preset", default="learn")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
+    args = parser.parse_args()
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PIPELINE_PARENT_RUN_ID", None)
+    base = Path(tempfile.mkdtemp(prefix="learning-"))
+    results = [run_seed(s, args.preset, overrides, base, env) for s in args.seeds]
+    gains = [r["grpo_minus_sft"] for r in results]
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores", "preset": args.preset,
+        "overrides": overrides, "median_gain_points": round(100 * statistics.median(gains), 1),
+        "goal_met": statistics.median(gains) >= 0.25,
+        "per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in results],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print("| seed | base | SFT | GRPO | GRPO - SFT | wall s | hacking flag |\n|---|---|---|---|---|---|---|")
+    for r in results:
+        a = r["accuracy"]
+        print(f"| {r['seed']} | {a['base']:.1%} | {a['sft']:.1%} | {a['grpo']:.1%} | {100 * r['grpo_minus_sft']:+.1f} pts "
+              f"| {r['total_seconds']} | {r['hacking']['flagged']} |")
+    print(f"median gain: {summary['median_gain_points']:+.1f} points (goal +25)")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
