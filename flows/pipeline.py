@@ -101,7 +101,7 @@ class ParentRun:
 
     @property
     def link(self) -> str:
-        uri = tracking.tracking_uri()
+        uri = tracking.redact(tracking.tracking_uri())
         if uri.startswith(("http://", "https://")):
             return f"[{self.run_id}]({uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id})"
         return f"`{self.run_id}` in `{uri}` (browse: `mlflow ui --backend-store-uri {uri}`)"

@@ -53,7 +53,8 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
         logging_steps=s.logging_steps, seed=s.seed, save_strategy="no", report_to="none",
         completion_only_loss=True, disable_tqdm=False, use_cpu=not models.has_cuda(),
         **precision_flags(m.dtype))
-    callback = MlflowMetricsCallback()
+    # Outside trainer/ (deleted below): metrics a vanished tracking server did not take.
+    callback = MlflowMetricsCallback(unlogged_file=out_dir / "unlogged_metrics.jsonl")
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                          callbacks=[callback])
     start = time.perf_counter()

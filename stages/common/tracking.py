@@ -261,9 +261,9 @@ def _connect(stage: str, experiment: str) -> str:
     except (MlflowException, OSError) as err:
         raise TrackingUnavailable(
             f"stage {stage} did not start (no model loaded, no training): the MLflow tracking server "
-            f"{redact(tracking_uri())} cannot be used: {redact(str(err))}\nStart the server, fix MLFLOW_TRACKING_URI (credentials: "
-            f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN), or unset it to "
-            f"log to the local store.") from err
+            f"{redact(tracking_uri())} cannot be used: {redact(str(err))}\nStart the server, fix "
+            "MLFLOW_TRACKING_URI (credentials: MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
+            "MLFLOW_TRACKING_TOKEN), or unset it to log to the local store.") from err
 
 
 def _end_run(run_id: str, status: str) -> None:
