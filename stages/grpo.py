@@ -35,7 +35,8 @@ from stages.common.paths import path, write_metrics
 
 RUN_STATE = "run_state.json"
 # Keys that may change between a checkpoint and its resume (a longer budget, other logging).
-RESUMABLE_KEYS = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "log_completions_every"}
+RESUMABLE_KEYS = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "log_completions_every",
+                  "monitor_kl_every"}
 
 
 # ------------------------------------------------------------------ rewards and samples
@@ -59,37 +60,53 @@ class SampleRecorder:
         return recorded
 
 
-def kl_to_base(model, tokenizer, prompts, completion_ids, limit: int = 8) -> float | None:
+def kl_to_base(model, tokenizer, prompts, completion_ids, limit: int = 8, rows_per_pass: int = 2) -> float | None:
     """Mean per-token KL(policy || base) on sampled completions (k3 estimator), the base being
-    the same model with its LoRA adapter disabled. None when there is no adapter to disable."""
+    the same model with its LoRA adapter disabled. None when there is no adapter to disable.
+    rows_per_pass bounds the logits tensor (rows x completion length x vocabulary)."""
     import torch
 
     if not hasattr(model, "disable_adapter") or not completion_ids:
         return None
+    rows = []
+    for prompt, comp in list(zip(prompts, completion_ids))[:limit]:
+        if not len(comp):
+            continue
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) \
+            if isinstance(prompt, list) else str(prompt)
+        rows.append((tokenizer(text, add_special_tokens=False).input_ids, list(comp)))
+    if not rows:
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for prompt, comp in list(zip(prompts, completion_ids))[:limit]:
-            if not len(comp):
-                continue
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) \
-                if isinstance(prompt, list) else str(prompt)
-            prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
-            ids = torch.tensor([prompt_ids + list(comp)], device=model.device)
-            start = len(prompt_ids) - 1
-            targets = ids[0, start + 1:]
+        for first in range(0, len(rows), rows_per_pass):
+            chunk = rows[first:first + rows_per_pass]
+            width_p, width_c = max(len(p) for p, _ in chunk), max(len(c) for _, c in chunk)
+            ids = torch.full((len(chunk), width_p + width_c), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (p, c) in enumerate(chunk):
+                ids[i, width_p - len(p):width_p + len(c)] = torch.tensor(p + c)
+                mask[i, width_p - len(p):width_p + len(c)] = 1
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            targets, target_mask = ids[:, width_p:], mask[:, width_p:].bool()
 
             def logprobs():
-                logits = model(input_ids=ids).logits[0, start:-1].float()
-                return torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               logits_to_keep=width_c + 1).logits[:, :-1]
+                # One row at a time in float32: the full-vocabulary softmax is the large tensor.
+                return torch.stack([torch.log_softmax(logits[i].float(), -1).gather(-1, targets[i, :, None])[:, 0]
+                                    for i in range(len(chunk))])
 
             policy = logprobs()
             with model.disable_adapter():
                 base = logprobs()
-            delta = base - policy
+            delta = (base - policy)[target_mask]
             total += (torch.exp(delta) - delta - 1).sum().item()
-            count += len(targets)
+            count += delta.numel()
     model.train(was_training)
     return total / count if count else None
 
@@ -108,7 +125,8 @@ def build_callbacks(params: Params, recorder: SampleRecorder, fmt: AnswerFormat)
             batch = recorder.batch
             if logs is None or not batch:
                 return
-            if g.beta == 0 and g.monitor_kl and model is not None:
+            if g.beta == 0 and g.monitor_kl and model is not None \
+                    and (state.global_step - 1) % g.monitor_kl_every == 0:  # steps 1, 1 + N, ...
                 kl = kl_to_base(model, processing_class, batch["prompts"], batch.get("completion_ids"))
                 if kl is not None:
                     logs["kl_monitor"] = kl
@@ -250,6 +268,9 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     print(f"grpo: backend={backend} ({backend_why}); generation={generation} ({generation_why})")
     if backend == "unsloth" and generation == "vllm":
         os.environ.setdefault("UNSLOTH_VLLM_STANDBY", "1")  # must be set before unsloth is imported
+    if backend == "unsloth":
+        # Before stages.common.training imports transformers and peft: Unsloth patches them on import.
+        import unsloth  # noqa: F401
 
     from stages.common.training import MlflowMetricsCallback, load_for_training, optimizer, precision_flags
 
@@ -288,7 +309,9 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
         top_k=g.top_k or 0, min_p=g.min_p, repetition_penalty=g.repetition_penalty,
         learning_rate=g.learning_rate, lr_scheduler_type=g.lr_scheduler_type, warmup_steps=g.warmup_ratio,
         weight_decay=g.weight_decay, optim=optimizer(g.optim, backend), max_grad_norm=g.max_grad_norm,
-        beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta, loss_type=g.loss_type,
+        beta=g.beta, epsilon=g.epsilon,
+        # Resolved here: left None, Unsloth sets 0.28 for dapo (5.0 for cispo) while TRL uses epsilon.
+        epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon, delta=g.delta, loss_type=g.loss_type,
         importance_sampling_level=g.importance_sampling_level, scale_rewards=g.scale_rewards,
         mask_truncated_completions=g.mask_truncated_completions, reward_weights=weights,
         max_steps=g.max_steps, num_train_epochs=g.num_train_epochs, save_steps=g.save_steps,

@@ -11,8 +11,8 @@ path (it also dequantizes a QLoRA base) and peft's `merge_and_unload` otherwise;
 output that is already a full model (full fine-tuning) is simply re-saved in 16 bits.
 
 The check: for `merge.check_prompts` chat-templated eval questions, the saved merged model
-must produce the same greedy tokens as base + adapter over `merge.check_tokens` tokens, and
-its logits at the last position of prompt + continuation must lie within `merge.atol`. It
+must choose the same greedy tokens as base + adapter over `merge.check_tokens` tokens (a tie
+within `merge.atol` excepted), and its logits along that continuation must lie within `merge.atol`. It
 catches a merge that silently drops the adapter. Deviation: both sides run in float32, so
 the check measures the merge and the 16-bit storage, not the compute precision.
 """
@@ -137,30 +137,36 @@ def check_prompts(eval_file: Path, n: int, tokenizer, fmt: AnswerFormat) -> list
 
 
 def _greedy(model, tokenizer, prompt: str, tokens: int):
+    """(generated token ids, the whole sequence) for `tokens` greedy tokens after the prompt."""
     import torch
 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
-        logits = model(out).logits[0, -1].float()
-    return out[0, ids.shape[1]:].tolist(), out, logits
+    return out[0, ids.shape[1]:].tolist(), out
 
 
 def compare(reference, candidate, tokenizer, prompts: list[str], tokens: int, atol: float) -> dict[str, Any]:
-    """Greedy tokens must match; last-position logits over the reference sequence must agree within atol."""
+    """Both models score the reference's greedy continuation (teacher-forced): every logit must lie
+    within atol, and the candidate must choose the same greedy token at every position, unless
+    its choice and the reference token are a tie within atol (fp16 storage can flip a near-tie)."""
     import torch
 
-    same, max_diff, compared = True, 0.0, 0
+    same, max_diff, compared, ties = True, 0.0, 0, 0
     for prompt in prompts:
-        ref_tokens, ref_seq, ref_logits = _greedy(reference, tokenizer, prompt, tokens)
-        cand_tokens, _, _ = _greedy(candidate, tokenizer, prompt, tokens)
-        with torch.no_grad():  # both models score the same sequence, so their logits line up
-            cand_logits = candidate(ref_seq.to(candidate.device)).logits[0, -1].float()
-        same &= ref_tokens == cand_tokens
-        max_diff = max(max_diff, (ref_logits - cand_logits.to(ref_logits.device)).abs().max().item())
+        ref_tokens, seq = _greedy(reference, tokenizer, prompt, tokens)
+        first = seq.shape[1] - len(ref_tokens) - 1  # the position whose logits pick the first new token
+        with torch.no_grad():
+            ref_logits = reference(seq).logits[0, first:-1].float()
+            cand_logits = candidate(seq.to(candidate.device)).logits[0, first:-1].float().to(ref_logits.device)
+        max_diff = max(max_diff, (ref_logits - cand_logits).abs().max().item())
+        target = torch.tensor(ref_tokens, device=cand_logits.device)[:, None]
+        gap = cand_logits.max(-1).values - cand_logits.gather(-1, target)[:, 0]
+        same &= bool((gap <= atol).all())
+        ties += int(((gap > 0) & (gap <= atol)).sum())
         compared += len(ref_tokens)
-    return {"passed": bool(same and max_diff <= atol), "tokens_equal": bool(same),
+    return {"passed": bool(same and max_diff <= atol), "tokens_equal": bool(same), "near_ties": ties,
             "max_logit_diff": max_diff, "atol": atol, "tokens_compared": compared, "prompts": len(prompts)}
 
 

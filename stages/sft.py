@@ -19,7 +19,6 @@ from pathlib import Path
 from stages.common import models, tracking
 from stages.common.params import Params, check_runtime, load_params
 from stages.common.paths import path, write_metrics
-from stages.common.training import MlflowMetricsCallback, load_for_training, optimizer, precision_flags
 
 SKIPPED = "skipped.json"
 
@@ -36,7 +35,12 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
     check_runtime(params)
     backend, why = models.choose_backend(m.backend)
     print(f"sft: backend={backend} ({why})")
-    model, tokenizer = load_for_training(m, base_dir, backend, seed=s.seed)  # unsloth first, then trl
+    if backend == "unsloth":
+        # Before stages.common.training imports transformers and peft: Unsloth patches them on import.
+        import unsloth  # noqa: F401
+    from stages.common.training import MlflowMetricsCallback, load_for_training, optimizer, precision_flags
+
+    model, tokenizer = load_for_training(m, base_dir, backend, seed=s.seed)
 
     import datasets
     from trl import SFTConfig, SFTTrainer

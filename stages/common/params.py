@@ -202,6 +202,7 @@ class GRPOParams(Section):
     max_grad_norm: float = F(1.0, "Gradient clipping norm (seeds: 1.0 or 0.1).", gt=0)
     beta: float = F(0.0, "KL coefficient; 0.0 means no reference model is loaded (TRL's and the seeds' default).", ge=0)
     monitor_kl: bool = F(True, "When beta is 0, still compute KL to the base model (adapter disabled) for monitoring.")
+    monitor_kl_every: int = F(10, "Compute that monitoring KL at step 1 and every N steps after (two batched forward passes over 8 completions; about 0.1-0.7 s on an H200 for Qwen3-1.7B).", ge=1)
     epsilon: float = F(0.2, "Lower clipping range of the ratio (PPO epsilon).", gt=0)
     epsilon_high: float | None = F(None, "Upper clipping range (DAPO clip-higher, e.g. 0.28); None = epsilon.", gt=0)
     delta: float | None = F(None, "Two-sided clipping bound for the ratio (None = off).", gt=1)
