@@ -241,15 +241,20 @@ def summarize(history: list[dict], reward_names: list[str], window: int = 5) -> 
         vals = [h[key] for h in part if key in h]
         return sum(vals) / len(vals) if vals else None
 
+    def median(key: str) -> float | None:
+        # Medians: the first step (compilation, warm-up) would dominate a mean of a short run.
+        vals = sorted(h[key] for h in rows if key in h)
+        return vals[len(vals) // 2] if vals else None
+
     last, first = rows[-window:], rows[:window]
     out = {
         "reward_final": mean("reward", last), "reward_first": mean("reward", first),
         "frac_reward_zero_std_mean": mean("frac_reward_zero_std", rows),
         "frac_reward_zero_std_final": mean("frac_reward_zero_std", last),
         "completion_length_final": mean("completions/mean_length", last),
-        "generated_tokens_per_s": mean("throughput/generated_tokens_per_s", rows),
-        "train_tokens_per_s": mean("throughput/train_tokens_per_s", rows),
-        "step_seconds": mean("step_seconds", rows),
+        "generated_tokens_per_s": median("throughput/generated_tokens_per_s"),
+        "train_tokens_per_s": median("throughput/train_tokens_per_s"),
+        "step_seconds": median("step_seconds"),
         "kl_final": mean("kl", last) if any("kl" in h for h in rows) else mean("kl_monitor", last),
     }
     out["rewards_final"] = {n: mean(f"rewards/{n}/mean", last) for n in reward_names}

@@ -39,18 +39,26 @@ def tiny(overrides: dict[str, Any] | None = None, preset: str = "tiny"):
     return validate(_merge(resolve(preset).model_dump(), overrides or {}), origin=f"preset {preset} + test overrides")
 
 
-@pytest.fixture(autouse=True)
-def _no_mlflow_env_leaks():
-    """mlflow.set_tracking_uri / set_experiment write MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID into
-    os.environ for child processes; without this, one test's store leaks into a later test's subprocesses."""
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    for key, value in saved.items():
+# mlflow.set_tracking_uri / set_experiment write MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID into
+# os.environ for child processes. Every test ends with these back at the values they had when the
+# session started (not when the test started: module fixtures run before function fixtures).
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+_BASELINE = {key: os.environ.get(key) for key in _MLFLOW_ENV}
+
+
+def _restore_mlflow_env() -> None:
+    for key, value in _BASELINE.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_env_leaks():
+    _restore_mlflow_env()
+    yield
+    _restore_mlflow_env()
 
 
 @pytest.fixture(scope="session")
