@@ -271,6 +271,8 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     backend, backend_why = models.choose_backend(m.backend)
     generation, generation_why = models.choose_generation(m.generation)
     print(f"grpo: backend={backend} ({backend_why}); generation={generation} ({generation_why})")
+    tracking.tag_active_run({"backend": backend, "backend_reason": backend_why,
+                             "generation": generation, "generation_reason": generation_why})
     if backend == "unsloth" and generation == "vllm":
         os.environ.setdefault("UNSLOTH_VLLM_STANDBY", "1")  # must be set before unsloth is imported
     if backend == "unsloth":

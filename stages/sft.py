@@ -35,6 +35,7 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
     check_runtime(params)
     backend, why = models.choose_backend(m.backend)
     print(f"sft: backend={backend} ({why})")
+    tracking.tag_active_run({"backend": backend, "backend_reason": why})
     if backend == "unsloth":
         # Before stages.common.training imports transformers and peft: Unsloth patches them on import.
         import unsloth  # noqa: F401

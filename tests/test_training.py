@@ -92,6 +92,9 @@ def test_sft_then_grpo_lora_trains_and_logs(tmp_path, prepared_dir, base_dir, ml
     assert any(not torch.equal(before[k], after[k]) for k in before), "GRPO did not change any LoRA weight"
 
     client = mlflow.MlflowClient()
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["backend"] == "trl" and tags["generation"] == "transformers" and tags["stage"] == "grpo"
+    assert tags["git_commit"] and tags["inputs_digest"]
     logged = client.get_run(run.info.run_id).data.metrics
     for key in ("rewards/tag_count/mean", "rewards/distinct_chars/mean", "reward", "memory/rss_gib",
                 "kl_monitor", "frac_reward_zero_std", "step_seconds", "throughput/generated_tokens_per_s"):

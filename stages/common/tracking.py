@@ -180,6 +180,14 @@ def replay_unlogged(file: Path) -> int:
     return len(entries)
 
 
+def tag_active_run(tags: dict[str, str]) -> None:
+    """Tag the current stage run, if there is one (library code also runs without MLflow)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(tags)
+
+
 def _dvc_session() -> str | None:
     """An id for the `dvc repro` process we run under (None when not under DVC)."""
     try:
