@@ -3,7 +3,7 @@
     python bench/gpu_grpo.py --backend unsloth --completion-length 512 --steps 8 --out bench/results/unsloth_512.json
     python bench/gpu_grpo.py --backend trl --completion-length 512 --steps 4 --out bench/results/trl_512.json
     python bench/gpu_grpo.py --backend unsloth --prompts-per-step 8 --completion-length 512 --steps 4 --out ...
-    ... --import-unsloth-first --kl-variant batched   # the proposed stage fixes, patched in for measurement
+    ... --import-unsloth-first                          # import Unsloth before the stage (the stage now does this itself)
     bash bench/gpu_grpo_device.sh SPEC ...              # on the GPU machine: installs the carried wheels, runs specs
 
 Runs `stages.grpo.run(...)` unchanged, on a randomly initialised model with the real
@@ -271,8 +271,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="grpo.max_steps")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     ap.add_argument("--no-monitor-kl", action="store_true", help="set grpo.monitor_kl false (the preset has it on)")
-    ap.add_argument("--kl-variant", choices=["stage", "batched"], default="stage",
-                    help="KL monitor: the stage's own, or the proposed batched one in bench/kl_batched.py (patched in for measurement)")
     ap.add_argument("--import-unsloth-first", action="store_true",
                     help="import unsloth before the stage's modules import transformers/peft (the proposed stage fix)")
     ap.add_argument("--shapes", choices=["qwen3-1.7b", "small"], default="qwen3-1.7b", help="model shapes (small: CPU check of this script)")
@@ -312,17 +310,12 @@ def main() -> None:
 
     import stages.grpo as grpo
 
-    if args.kl_variant == "batched":
-        from bench.kl_batched import kl_to_base
-
-        grpo.kl_to_base = kl_to_base  # PROPOSED fix, measured here; the stage itself is unchanged
-
     completions = params.grpo.effective_generation_batch_size
     config = {"backend": args.backend, "completion_length": args.completion_length,
               "prompts_per_step": args.prompts_per_step, "generations_per_prompt": 8,
               "completions_per_step": completions, "steps": args.steps, "warmup": args.warmup,
               "shapes": args.shapes, "monitor_kl": params.grpo.monitor_kl,
-              "kl_variant": args.kl_variant, "import_unsloth_first": args.import_unsloth_first, "lora": params.model.lora.model_dump(),
+              "import_unsloth_first": args.import_unsloth_first, "lora": params.model.lora.model_dump(),
               "grpo": {k: v for k, v in params.grpo.model_dump().items() if k != "rewards"},
               "model": {k: v for k, v in params.model.model_dump().items() if k not in ("tiny", "lora")}}
     probe = Probe()
