@@ -53,19 +53,13 @@ def read_curve(file: Path) -> list[dict[str, float]]:
 
 
 def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict) -> dict:
-    from stages.common.params import validate
-    from stages.preset import _merge, render, resolve
+    from stages.common.params import apply_overrides, validate
+    from stages.preset import merge, render, resolve
 
     work = base / f"seed{seed}"
     work.mkdir(parents=True)
-    raw = _merge(resolve(preset).model_dump(), {"project": {"seed": seed}, "sft": {"seed": seed}, "grpo": {"seed": seed}})
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    (work / "params.yaml").write_text(render(validate(raw)))
+    raw = merge(resolve(preset).model_dump(), {"project": {"seed": seed}, "sft": {"seed": seed}, "grpo": {"seed": seed}})
+    (work / "params.yaml").write_text(render(validate(apply_overrides(raw, overrides))))
     seed_env = {**env, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns")}
     times = {}
     for stage in STAGES:
@@ -117,9 +111,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
     args = parser.parse_args()
-    import yaml
+    from flows.workspace import parse_overrides
 
-    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    overrides = parse_overrides(args.overrides)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PIPELINE_PARENT_RUN_ID", None)

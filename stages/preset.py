@@ -25,10 +25,11 @@ def available() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
-def _merge(base: dict, overlay: dict) -> dict:
+def merge(base: dict, overlay: dict) -> dict:
+    """A nested overlay (a preset, test overrides) over a params mapping, in a copy."""
     out = dict(base)
     for key, value in overlay.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -37,7 +38,7 @@ def resolve(name: str) -> Params:
     if not file.exists():
         raise ParamsError(f"unknown preset {name!r}; available: {', '.join(available())}")
     overlay = read_yaml(file) or {}
-    return validate(_merge(Params().model_dump(), overlay), origin=str(file))
+    return validate(merge(Params().model_dump(), overlay), origin=str(file))
 
 
 def _scalar(value: Any) -> str:

@@ -24,19 +24,12 @@ os.environ.pop("PIPELINE_PARENT_RUN_ID", None)
 _MLRUNS = Path(os.environ.setdefault("PIPELINE_MLRUNS_DIR", f"/tmp/gsm8k-grpo-tests-{os.getpid()}/mlruns"))
 
 
-def _merge(base: dict, overlay: dict) -> dict:
-    out = dict(base)
-    for key, value in overlay.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def tiny(overrides: dict[str, Any] | None = None, preset: str = "tiny"):
     """Params of a preset (default tiny) with nested overrides, validated by the real loader."""
     from stages.common.params import validate
-    from stages.preset import resolve
+    from stages.preset import merge, resolve
 
-    return validate(_merge(resolve(preset).model_dump(), overrides or {}), origin=f"preset {preset} + test overrides")
+    return validate(merge(resolve(preset).model_dump(), overrides or {}), origin=f"preset {preset} + test overrides")
 
 
 # mlflow.set_tracking_uri / set_experiment write MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID into
