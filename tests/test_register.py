@@ -218,7 +218,10 @@ def test_champion_serves_over_http(registered, tmp_path):
 
     port = free_port()
     mlflow_cli = Path(sys.executable).parent / "mlflow"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    # `mlflow models serve` runs `exec uvicorn` through a shell: the venv's bin must be on PATH,
+    # as it is for a user who activated the venv (the README says so).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = (tmp_path / "serve.log").open("w")
     # A session of its own, so the server and its uvicorn worker are stopped together.
     server = subprocess.Popen(
