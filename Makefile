@@ -13,9 +13,9 @@ install:
 pipeline: install
 	$(PY) -m flows.pipeline --preset $(PRESET)
 
-# The same stages without Prefect.
+# The same stages without Prefect (dvc runs each stage's `python -m ...` from PATH).
 repro: install
-	.venv/bin/dvc repro
+	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc repro
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
