@@ -340,10 +340,7 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     trainer.model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    tok_model = Path(models.base_info(base_dir)["tokenizer"]) / "tokenizer.model"
-    if tok_model.exists():
-        shutil.copy(tok_model, out_dir / "tokenizer.model")
+    models.save_tokenizer(tokenizer, out_dir, [Path(models.base_info(base_dir)["tokenizer"])])
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     write_curves(metrics_cb.history, reward_names, plots_dir / "grpo_rewards.csv", plots_dir / "grpo_rewards.png")

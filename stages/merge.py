@@ -58,15 +58,8 @@ def tokenizer_source(base_dir: Path, grpo_dir: Path) -> Path:
 
 
 def save_tokenizer(tokenizer, base_dir: Path, grpo_dir: Path, out: Path) -> None:
-    tokenizer.save_pretrained(str(out))
+    models.save_tokenizer(tokenizer, out, [grpo_dir, Path(models.base_info(base_dir)["tokenizer"])])
     write_converter_hints(tokenizer, out / "tokenizer_config.json")
-    if (out / "tokenizer.model").exists():
-        return
-    # transformers 5 no longer writes tokenizer.model; llama.cpp's converter reads it.
-    for folder in (grpo_dir, Path(models.base_info(base_dir)["tokenizer"])):
-        if (folder / "tokenizer.model").exists():
-            shutil.copy(folder / "tokenizer.model", out / "tokenizer.model")
-            return
 
 
 def write_converter_hints(tokenizer, config_file: Path) -> None:

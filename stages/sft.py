@@ -68,10 +68,7 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
 
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
     trainer.model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    tok_model = Path(models.base_info(base_dir)["tokenizer"]) / "tokenizer.model"
-    if tok_model.exists():  # transformers 5 no longer writes it; llama.cpp and others want it
-        shutil.copy(tok_model, out_dir / "tokenizer.model")
+    models.save_tokenizer(tokenizer, out_dir, [Path(models.base_info(base_dir)["tokenizer"])])
     losses = [h["loss"] for h in callback.history if "loss" in h]
     return {
         "backend": backend, "backend_reason": why, "steps": result.global_step,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,18 @@ def load_tokenizer(path: str | Path, **kw: Any):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def save_tokenizer(tokenizer, out: Path, sources: list[Path]) -> None:
+    """save_pretrained, plus `tokenizer.model` copied from the first of `sources` holding one:
+    transformers 5 no longer writes it, and llama.cpp's converter (among others) reads it."""
+    tokenizer.save_pretrained(str(out))
+    if (Path(out) / "tokenizer.model").exists():
+        return
+    for folder in sources:
+        if (Path(folder) / "tokenizer.model").exists():
+            shutil.copy(Path(folder) / "tokenizer.model", Path(out) / "tokenizer.model")
+            return
 
 
 def load_causal_lm(name_or_path: str | Path, dtype: str = "auto", revision: str | None = None,

@@ -206,7 +206,7 @@ def _dvc_session() -> str | None:
     return None
 
 
-def _parent_run_id(exp_id: str, params: Params) -> str | None:
+def _parent_run_id(exp_id: str) -> str | None:
     import mlflow
 
     if os.environ.get(PARENT_ENV):
@@ -238,7 +238,7 @@ def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = No
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
     else:
-        parent = _parent_run_id(exp_id, params)
+        parent = _parent_run_id(exp_id)
         run = mlflow.start_run(run_name=stage, parent_run_id=parent, log_system_metrics=True, tags={
             "stage": stage, "git_commit": git_commit(), "inputs_digest": inputs_digest(stage),
             **(extra_tags or {})})
