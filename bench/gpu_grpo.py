@@ -43,10 +43,17 @@ sys.path.insert(0, str(ROOT))
 
 QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-                  max_position_embeddings=40960, rms_norm_eps=1e-6)
-# For a CPU check of this script only: same vocabulary, two small layers.
+                  max_position_embeddings=40960, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+LLAMA3_1_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                   max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+# For a CPU check of the scripts only: same vocabulary, two small layers.
 SMALL = dict(QWEN3_1_7B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=64)
+SHAPES = {"qwen3-1.7b": ("qwen3", QWEN3_1_7B), "llama3.1-8b": ("llama", LLAMA3_1_8B), "small": ("qwen3", SMALL)}
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
 EOS, PAD, UNK = SPECIALS
 
@@ -91,21 +98,22 @@ def build_tokenizer(vocab_size: int, out: Path):
 def build_base(base_dir: Path, shapes: str) -> dict:
     """Random model + tokenizer in base_dir/model and base.json, as the base_model stage writes."""
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     start = time.perf_counter()
     model_dir = base_dir / "model"
-    dims = QWEN3_1_7B if shapes == "qwen3-1.7b" else SMALL
+    family, dims = SHAPES[shapes]
+    config_cls, model_cls = (Qwen3Config, Qwen3ForCausalLM) if family == "qwen3" else (LlamaConfig, LlamaForCausalLM)
     tok = build_tokenizer(dims["vocab_size"], model_dir)
-    config = Qwen3Config(**dims, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = config_cls(**dims, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen3ForCausalLM(config)
+        model = model_cls._from_config(config, dtype=torch.bfloat16)  # built in bf16: an 8B model in fp32 is 32 GB
     with torch.no_grad():
-        model.get_input_embeddings().weight[tok.eos_token_id].zero_()  # eos logit 0: never sampled
-    model.to(torch.bfloat16)
+        model.get_input_embeddings().weight[tok.eos_token_id].zero_()
+        if dims["tie_word_embeddings"]:  # eos logit 0: never sampled (see the module docstring)
+            assert model.get_output_embeddings().weight[tok.eos_token_id].abs().sum() == 0
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.save_pretrained(str(model_dir))
     info = {"model": "model", "tokenizer": "model", "revision": None}
@@ -113,14 +121,16 @@ def build_base(base_dir: Path, shapes: str) -> dict:
     return {"parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def write_prompts(file: Path, count: int = 256) -> None:
-    """GSM8K questions as the prepare stage writes them (prompt messages + gold answer)."""
+def write_prompts(file: Path, count: int = 256, same: bool = False) -> None:
+    """GSM8K questions as the prepare stage writes them (prompt messages + gold answer);
+    same=True repeats the first question (every prompt of a batch the same length: no padding)."""
     import pandas as pd
 
     from stages.common.answer_format import AnswerFormat, extract_gold
 
     fmt = AnswerFormat()
     rows = [json.loads(line) for line in (ROOT / "data/gsm8k/train.jsonl").read_text().splitlines()[:count]]
+    rows = [rows[0]] * count if same else rows
     pd.DataFrame({"prompt": [fmt.messages(r["question"]) for r in rows],
                   "answer": [extract_gold(r["answer"]) for r in rows],
                   "question": [r["question"] for r in rows]}).to_parquet(file)
@@ -132,13 +142,16 @@ def bench_params(args, base_model: Path):
 
     raw = resolve("qwen3-1.7b").model_dump()
     raw["model"].update(name_or_path=str(base_model), backend=args.backend, generation="transformers",
-                        dtype="bfloat16" if args.shapes == "qwen3-1.7b" else "auto",
+                        dtype="bfloat16" if args.shapes != "small" else "auto",
                         max_seq_length=max(2048, 256 + args.completion_length))
     raw["model"]["lora"].update(enabled=True, r=32, alpha=64, dropout=0.0)
     raw["grpo"].update(num_generations=8, per_device_train_batch_size=8, gradient_accumulation_steps=args.prompts_per_step,
                        max_prompt_length=256, max_completion_length=args.completion_length, beta=0.0,
                        max_steps=args.steps, save_steps=100_000, logging_steps=1, monitor_kl=not args.no_monitor_kl)
-    return validate(raw, origin="bench/gpu_grpo.py")
+    from flows.workspace import parse_overrides
+    from stages.common.params import apply_overrides
+
+    return validate(apply_overrides(raw, parse_overrides(args.overrides)), origin="bench/gpu_grpo.py")
 
 
 # ------------------------------------------------------------------ instrumentation
@@ -270,10 +283,13 @@ def main() -> None:
     ap.add_argument("--prompts-per-step", type=int, default=1, help="prompts per optimizer step, 8 generations each (gradient accumulation steps)")
     ap.add_argument("--steps", type=int, default=6, help="grpo.max_steps")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params override after the benchmark's own (e.g. grpo.min_p=null)")
+    ap.add_argument("--same-prompt", action="store_true", help="every prompt the same question (no left padding in generation)")
     ap.add_argument("--no-monitor-kl", action="store_true", help="set grpo.monitor_kl false (the preset has it on)")
     ap.add_argument("--import-unsloth-first", action="store_true",
                     help="import unsloth before the stage's modules import transformers/peft (the proposed stage fix)")
-    ap.add_argument("--shapes", choices=["qwen3-1.7b", "small"], default="qwen3-1.7b", help="model shapes (small: CPU check of this script)")
+    ap.add_argument("--shapes", choices=list(SHAPES), default="qwen3-1.7b", help="model shapes (small: CPU check of this script)")
     ap.add_argument("--base-dir", type=Path, default=Path("/tmp/bench_grpo/base"), help="where the random model is built (reused if present)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_grpo/work"), help="scratch dir: stage outputs, Unsloth's compiled cache")
     ap.add_argument("--out", type=Path, help="result JSON")
@@ -302,7 +318,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # Unsloth writes ./unsloth_compiled_cache
     prompts = work / "grpo.parquet"
-    write_prompts(prompts)
+    write_prompts(prompts, same=args.same_prompt)
     params = bench_params(args, base_dir / "model")
 
     if args.import_unsloth_first and args.backend == "unsloth":
@@ -312,7 +328,7 @@ def main() -> None:
 
     completions = params.grpo.effective_generation_batch_size
     config = {"backend": args.backend, "completion_length": args.completion_length,
-              "prompts_per_step": args.prompts_per_step, "generations_per_prompt": 8,
+              "prompts_per_step": args.prompts_per_step, "same_prompt": args.same_prompt, "generations_per_prompt": 8,
               "completions_per_step": completions, "steps": args.steps, "warmup": args.warmup,
               "shapes": args.shapes, "monitor_kl": params.grpo.monitor_kl,
               "import_unsloth_first": args.import_unsloth_first, "lora": params.model.lora.model_dump(),

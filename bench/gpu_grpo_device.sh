@@ -2,19 +2,10 @@
 # Runs on the GPU machine (through the device tool), from the repository root:
 #   bash bench/gpu_grpo_device.sh BACKEND:LENGTH:PROMPTS:STEPS:TIMEOUT_S[:FLAG+FLAG...] ...
 # e.g. unsloth:512:1:8:250:--import-unsloth-first+--kl-variant=batched
-# Installs the carried wheels (.whl/house from shared/tools/gpu-wheelhouse.sh with
-# TRL_VERSION=1.14.2, .whl/bench: pydantic and mlflow-skinny, which the stage imports and the
-# image lacks), records the machine, then runs bench/gpu_grpo.py once per spec, each under
-# its own time limit. Results and logs go to $OUT.
+# Installs the carried wheels and records the machine (bench/gpu_env.sh), then runs
+# bench/gpu_grpo.py once per spec, each under its own time limit. Results and logs go to $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/house/*.whl .whl/bench/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-       UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+source bench/gpu_env.sh
 for spec in "$@"; do
   IFS=: read -r backend length prompts steps limit extra <<< "$spec"
   extra="${extra//+/ }"
