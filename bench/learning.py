@@ -1,6 +1,7 @@
 """Learning proof: GRPO measurably improves a model on CPU (presets/learn.yaml).
 
     .venv/bin/python bench/learning.py [--seeds 0 1 2] [--preset learn] [--set grpo.max_steps=150]
+    python3 bench/learning.py --preset learn-gpu --parallel 3 --out bench/results/learning_gpu.json   # on a GPU
 
 For each seed, in a fresh workspace (PIPELINE_WORKDIR), the real stages run as DVC would run
 them: prepare (synthetic 2-digit addition), base_model (tokenizer + random Llama), sft (short
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +82,13 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict) -> 
     }
 
 
+def machine() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} CPU cores{gpu}"
+
+
 def plot(results: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -109,6 +118,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="learn")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--parallel", type=int, default=1, help="seeds run at once (each in its own workspace; for a GPU)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
     args = parser.parse_args()
     from flows.workspace import parse_overrides
@@ -118,10 +128,11 @@ def main() -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PIPELINE_PARENT_RUN_ID", None)
     base = Path(tempfile.mkdtemp(prefix="learning-"))
-    results = [run_seed(s, args.preset, overrides, base, env) for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        results = list(pool.map(lambda s: run_seed(s, args.preset, overrides, base, env), args.seeds))
     gains = [r["grpo_minus_sft"] for r in results]
     summary = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores", "preset": args.preset,
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "parallel": args.parallel, "preset": args.preset,
         "overrides": overrides, "median_gain_points": round(100 * statistics.median(gains), 1),
         "goal_met": statistics.median(gains) >= 0.25,
         "per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in results],
