@@ -153,6 +153,7 @@ def build_callbacks(params: Params, recorder: SampleRecorder, fmt: AnswerFormat)
 
 # ------------------------------------------------------------------ data
 def load_prompts(file: Path, tokenizer, max_prompt_length: int):
+    """(prompts that fit, how many were dropped as too long, the kept prompts' token counts)."""
     import datasets
 
     data = datasets.Dataset.from_parquet(str(file))
@@ -167,7 +168,7 @@ def load_prompts(file: Path, tokenizer, max_prompt_length: int):
     kept = data.filter(lambda r: r["prompt_tokens"] <= max_prompt_length)
     if len(kept) == 0:
         raise ValueError(f"all {len(data)} prompts are longer than grpo.max_prompt_length={max_prompt_length} tokens")
-    return kept.remove_columns(["prompt_tokens"]), len(data) - len(kept)
+    return kept.remove_columns(["prompt_tokens"]), len(data) - len(kept), kept["prompt_tokens"]
 
 
 # ------------------------------------------------------------------ resume
@@ -289,7 +290,7 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     # ---- data and rewards
     from stages.common.rewards import build_reward_funcs
 
-    data, dropped = load_prompts(prompts_file, tokenizer, g.max_prompt_length)
+    data, dropped, prompt_lengths = load_prompts(prompts_file, tokenizer, g.max_prompt_length)
     funcs, weights = build_reward_funcs(g.rewards, fmt, g.on_reward_error,
                                         max_completion_length=g.max_completion_length)
     recorder = SampleRecorder()
@@ -326,7 +327,12 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
         **batch_kwargs, **vllm_kwargs, **precision_flags(m.dtype))
 
     metrics_cb = MlflowMetricsCallback(completions_per_step=g.effective_generation_batch_size)
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=data,
+    trainer_cls = GRPOTrainer
+    if g.group_prompts_by_length:
+        from stages.common.length_groups import length_grouped_trainer
+
+        trainer_cls = length_grouped_trainer(GRPOTrainer, prompt_lengths)
+    trainer = trainer_cls(model=model, reward_funcs=funcs, args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[build_callbacks(params, recorder, fmt), metrics_cb])
 
     # ---- train (resuming when a matching checkpoint exists)

@@ -186,6 +186,7 @@ class GRPOParams(Section):
     gradient_accumulation_steps: int = F(1, "Micro-batches per optimizer step (seeds: 1; 4 smooths training).", ge=1)
     generation_batch_size: int | None = F(None, "Completions generated per rollout; must be divisible by num_generations. None: per_device_train_batch_size x gradient_accumulation_steps x steps_per_generation.", ge=2)
     steps_per_generation: int | None = F(None, "Optimizer steps per rollout batch (None = gradient_accumulation_steps). Exclusive with generation_batch_size.", ge=1)
+    group_prompts_by_length: bool = F(True, "Generate from batches of prompts of one token length where the data allows: no left padding in transformers generation (Unsloth, 8 prompts x 8 on an H200: 1.44x faster steps, half the reserved memory); batches then correlate with prompt length. Advantages stay per prompt group.")
     num_iterations: int = F(1, "Optimisation passes per rollout batch (mu in the GRPO paper).", ge=1)
     max_prompt_length: int = F(256, "Longest prompt in tokens; longer prompts are dropped before training and counted (seeds filter the same way).", ge=8)
     max_completion_length: int = F(1024, "Longest completion in tokens (seeds: max_seq_length - max_prompt_length).", ge=8)
