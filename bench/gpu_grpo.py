@@ -285,6 +285,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override after the benchmark's own (e.g. grpo.min_p=null)")
+    ap.add_argument("--prompts", type=int, default=256, help="GSM8K training questions in the prompt set (7473: all)")
     ap.add_argument("--same-prompt", action="store_true", help="every prompt the same question (no left padding in generation)")
     ap.add_argument("--no-monitor-kl", action="store_true", help="set grpo.monitor_kl false (the preset has it on)")
     ap.add_argument("--import-unsloth-first", action="store_true",
@@ -318,7 +319,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # Unsloth writes ./unsloth_compiled_cache
     prompts = work / "grpo.parquet"
-    write_prompts(prompts, same=args.same_prompt)
+    write_prompts(prompts, count=args.prompts, same=args.same_prompt)
     params = bench_params(args, base_dir / "model")
 
     if args.import_unsloth_first and args.backend == "unsloth":
@@ -328,7 +329,7 @@ def main() -> None:
 
     completions = params.grpo.effective_generation_batch_size
     config = {"backend": args.backend, "completion_length": args.completion_length,
-              "prompts_per_step": args.prompts_per_step, "same_prompt": args.same_prompt, "generations_per_prompt": 8,
+              "prompts_per_step": args.prompts_per_step, "same_prompt": args.same_prompt, "prompt_set_size": args.prompts, "generations_per_prompt": 8,
               "completions_per_step": completions, "steps": args.steps, "warmup": args.warmup,
               "shapes": args.shapes, "monitor_kl": params.grpo.monitor_kl,
               "import_unsloth_first": args.import_unsloth_first, "lora": params.model.lora.model_dump(),
