@@ -121,6 +121,23 @@ def build_base(base_dir: Path, shapes: str) -> dict:
     return {"parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - start, 1)}
 
 
+def ensure_base(base_root: Path, shapes: str) -> Path:
+    """base_root/shapes holding the random model, built when missing by a child process, so the
+    calling process imports transformers/unsloth only in the stage's order."""
+    base_dir = base_root / shapes
+    if not (base_dir / "base.json").exists():
+        subprocess.run([sys.executable, __file__, "--build-only", "--shapes", shapes, "--base-dir", str(base_root)], check=True)
+    return base_dir
+
+
+def set_offline_env() -> None:
+    """No hub, no telemetry: the GPU machine has no network."""
+    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "UNSLOTH_DISABLE_STATISTICS": "1", "UNSLOTH_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+
+
 def write_prompts(file: Path, count: int = 256, same: bool = False) -> None:
     """GSM8K questions as the prepare stage writes them (prompt messages + gold answer);
     same=True repeats the first question (every prompt of a batch the same length: no padding)."""
@@ -297,10 +314,7 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true", help="build the model into --base-dir and exit")
     args = ap.parse_args()
 
-    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                       "UNSLOTH_DISABLE_STATISTICS": "1", "UNSLOTH_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                       "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
+    set_offline_env()
 
     args.base_dir, args.work_dir = args.base_dir.resolve(), args.work_dir.resolve()
     args.out = args.out.resolve() if args.out else None
@@ -311,9 +325,7 @@ def main() -> None:
         return
     if not args.backend or not args.out:
         ap.error("--backend and --out are required (unless --build-only)")
-    if not (base_dir / "base.json").exists():
-        # A child process, so this one imports transformers/unsloth only in the stage's order.
-        subprocess.run([sys.executable, __file__, "--build-only", "--shapes", args.shapes, "--base-dir", str(args.base_dir)], check=True)
+    ensure_base(args.base_dir, args.shapes)
 
     work = args.work_dir / f"{args.backend}_{args.completion_length}_{args.prompts_per_step}"
     work.mkdir(parents=True, exist_ok=True)

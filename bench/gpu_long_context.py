@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -107,17 +106,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
     args = ap.parse_args()
     args.lengths = sorted(args.lengths)
-    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                       "UNSLOTH_DISABLE_STATISTICS": "1", "UNSLOTH_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                       "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
+    gpu_grpo.set_offline_env()
 
     args.base_dir, args.work_dir, args.out = args.base_dir.resolve(), args.work_dir.resolve(), args.out.resolve()
-    base_dir = args.base_dir / args.shapes
-    if not (base_dir / "base.json").exists():
-        # A child process, so this one imports transformers/unsloth only in the stage's order.
-        subprocess.run([sys.executable, gpu_grpo.__file__, "--build-only", "--shapes", args.shapes,
-                        "--base-dir", str(args.base_dir)], check=True)
+    base_dir = gpu_grpo.ensure_base(args.base_dir, args.shapes)
     work = args.work_dir / f"{args.backend}{'_4bit' if args.load_in_4bit else ''}"
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # Unsloth writes ./unsloth_compiled_cache

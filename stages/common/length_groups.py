@@ -17,7 +17,8 @@ def length_grouped_chunks(lengths: Sequence[int], batch_size: int, seed: int | N
     Indices are bucketed by length, shuffled within each bucket and cut into chunks; the
     leftovers of all buckets (fewer than batch_size each) are pooled, shuffled and cut into
     mixed chunks; the chunk order is shuffled; an incomplete last chunk is dropped, as
-    RepeatSampler drops it. seed=None keeps the data order (TRL's shuffle=False)."""
+    RepeatSampler drops it. seed=None shuffles nothing (TRL's shuffle=False): buckets in length
+    order, each in data order."""
     rng = random.Random(seed) if seed is not None else None
     buckets: dict[int, list[int]] = {}
     for index, length in enumerate(lengths):
