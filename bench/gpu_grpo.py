@@ -1,9 +1,9 @@
-"""GPU benchmark of the project's `grpo` stage: Unsloth backend vs plain TRL.
+"""GPU benchmark of the project's `grpo` stage: its backends (Unsloth, plain TRL) and rollout engines (vLLM, generate).
 
     python bench/gpu_grpo.py --backend unsloth --completion-length 512 --steps 8 --out bench/results/unsloth_512.json
     python bench/gpu_grpo.py --backend trl --completion-length 512 --steps 4 --out bench/results/trl_512.json
     python bench/gpu_grpo.py --backend unsloth --prompts-per-step 8 --completion-length 512 --steps 4 --out ...
-    ... --import-unsloth-first                          # import Unsloth before the stage (the stage now does this itself)
+    python bench/gpu_grpo.py --backend trl --generation vllm --prompts-per-step 8 --micro-batches 1 ...   # TRL + vLLM colocate
     bash bench/gpu_grpo_device.sh SPEC ...              # on the GPU machine: installs the carried wheels, runs specs
 
 Runs `stages.grpo.run(...)` unchanged, on a randomly initialised model with the real
@@ -20,10 +20,11 @@ child process (`--build-only`) so that this process imports Unsloth the way the 
 - Params: presets/qwen3-1.7b.yaml (Unsloth's differing defaults are set explicitly there and
   the stage passes them to both backends: adamw_8bit, lr 5e-6, weight decay 0.01, warmup
   ratio 0.1, seed 3407, bf16), with the overrides in `bench_params` below.
-- Measurement only, no behaviour change: the stage's MlflowMetricsCallback is subclassed to
-  keep its per-step history; TRL's ProfilingContext (its `profiling/Time taken` timers) is
-  made to synchronise CUDA and record instead of reporting nowhere; the stage's KL monitor
-  is wrapped in a timer. Steps before --warmup are left out of the medians.
+- Measurement only, no behaviour change: the per-step logs come through the stage's own
+  `callbacks=` hook (what it logged, including its KL monitor's cost, `kl_monitor_seconds`);
+  TRL's ProfilingContext (its `profiling/Time taken` timers) is made to synchronise CUDA and
+  record instead of reporting nowhere. Steps before --warmup are left out of the medians.
+  bench/plain_trl_vllm.py is the baseline measured beside it.
 """
 from __future__ import annotations
 
@@ -154,69 +155,59 @@ def write_prompts(file: Path, count: int = 256, same: bool = False) -> None:
 
 
 def bench_params(args, base_model: Path):
-    from stages.common.params import validate
+    """presets/qwen3-1.7b.yaml on the random model, at the shapes under test: 8 generations per
+    prompt, --prompts-per-step prompts per optimizer step in --micro-batches micro-batches."""
+    from stages.common.params import apply_overrides, parse_overrides, validate
     from stages.preset import resolve
 
+    completions = 8 * args.prompts_per_step
+    if completions % args.micro_batches:
+        raise SystemExit(f"--micro-batches {args.micro_batches} does not divide {completions} completions")
     raw = resolve("qwen3-1.7b").model_dump()
-    raw["model"].update(name_or_path=str(base_model), backend=args.backend, generation="transformers",
+    raw["model"].update(name_or_path=str(base_model), backend=args.backend, generation=args.generation,
                         dtype="bfloat16" if args.shapes != "small" else "auto",
                         max_seq_length=max(2048, 256 + args.completion_length))
     raw["model"]["lora"].update(enabled=True, r=32, alpha=64, dropout=0.0)
-    raw["grpo"].update(num_generations=8, per_device_train_batch_size=8, gradient_accumulation_steps=args.prompts_per_step,
+    raw["grpo"].update(num_generations=8, per_device_train_batch_size=completions // args.micro_batches,
+                       gradient_accumulation_steps=args.micro_batches, steps_per_generation=None, generation_batch_size=None,
                        max_prompt_length=256, max_completion_length=args.completion_length, beta=0.0,
                        max_steps=args.steps, save_steps=100_000, logging_steps=1, monitor_kl=not args.no_monitor_kl)
-    from flows.workspace import parse_overrides
-    from stages.common.params import apply_overrides
-
     return validate(apply_overrides(raw, parse_overrides(args.overrides)), origin="bench/gpu_grpo.py")
 
 
 # ------------------------------------------------------------------ instrumentation
 class Probe:
-    """Per-step timings collected from the stage's callback, TRL's profiling timers and the KL monitor."""
+    """Per-step logs and phase timings. The step logs come through the stage's `callbacks=` hook
+    (what the stage logged to MLflow, after its own callbacks); the phases from TRL's own
+    profiling timers (`profiling/Time taken: ...`), made to synchronise CUDA and record here
+    instead of reporting nowhere. Nothing in the stage is patched."""
 
     def __init__(self) -> None:
         self.step = 0
+        self.rows: list[dict] = []
         self.phases: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.callback = None
         self.on_step = lambda: None
 
     def add(self, name: str, seconds: float) -> None:
         self.phases[self.step + 1][name] += seconds
 
+    def callback(self):
+        from transformers import TrainerCallback
 
-def instrument(probe: Probe) -> None:
-    import stages.grpo as grpo
-    from stages.common import training
+        probe = self
 
-    class RecordingMetricsCallback(training.MlflowMetricsCallback):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            probe.callback = self
+        class StepLogs(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "reward" in logs:
+                    probe.rows.append({"step": float(state.global_step), **{k: v for k, v in logs.items()
+                                                                          if isinstance(v, (int, float))}})
+                    probe.step = state.global_step
+                    probe.on_step()
 
-        def on_log(self, *a, **kw):
-            super().on_log(*a, **kw)
-            probe.step += 1
-            probe.on_step()
+        return StepLogs()
 
-    training.MlflowMetricsCallback = RecordingMetricsCallback
-
-    original_kl = grpo.kl_to_base
-
-    def timed_kl(*a, **kw):
-        start = _sync_time()
-        try:
-            return original_kl(*a, **kw)
-        finally:
-            probe.add("kl_monitor", _sync_time() - start)
-
-    grpo.kl_to_base = timed_kl
-
-    # TRL's profiling timers: installed once the stage has imported trl (after Unsloth on that path).
-    original_load = training.load_for_training
-
-    def load_then_patch(*a, **kw):
-        result = original_load(*a, **kw)
+    def time_trl_phases(self) -> None:
+        """After the stage's backend import (Unsloth first on that path), TRL's timers report here."""
         from trl.extras.profiling import ProfilingContext
 
         def enter(ctx):
@@ -224,13 +215,10 @@ def instrument(probe: Probe) -> None:
             return ctx
 
         def exit_(ctx, *exc):
-            probe.add(ctx.name.split(".", 1)[-1], _sync_time() - ctx._start_time)
+            self.add(ctx.name.split(".", 1)[-1], _sync_time() - ctx._start_time)
             return False
 
         ProfilingContext.__enter__, ProfilingContext.__exit__ = enter, exit_
-        return result
-
-    training.load_for_training = load_then_patch
 
 
 def _sync_time() -> float:
@@ -259,7 +247,8 @@ def summarize(rows: list[dict], phases: dict[int, dict[str, float]], completions
            "train_tokens_per_s_median": median([r.get("throughput/train_tokens_per_s") for r in kept])}
     names = sorted({n for s in kept_steps for n in phases.get(s, {})})
     out["phases_median_s"] = {n: median([phases.get(s, {}).get(n) for s in kept_steps]) for n in names}
-    gen = out["phases_median_s"].get("transformers.generate")
+    out["kl_monitor_seconds"] = [r["kl_monitor_seconds"] for r in steps if "kl_monitor_seconds" in r]
+    gen = out["phases_median_s"].get("transformers.generate") or out["phases_median_s"].get("vllm.generate")
     if gen and out["completion_length_mean"]:
         out["generate_only_tokens_per_s"] = out["completion_length_mean"] * completions_per_step / gen
     return out
@@ -305,8 +294,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=256, help="GSM8K training questions in the prompt set (7473: all)")
     ap.add_argument("--same-prompt", action="store_true", help="every prompt the same question (no left padding in generation)")
     ap.add_argument("--no-monitor-kl", action="store_true", help="set grpo.monitor_kl false (the preset has it on)")
-    ap.add_argument("--import-unsloth-first", action="store_true",
-                    help="import unsloth before the stage's modules import transformers/peft (the proposed stage fix)")
+    ap.add_argument("--generation", choices=["transformers", "vllm"], default="transformers", help="model.generation for the stage")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="micro-batches per optimizer step (gradient_accumulation_steps); 1 = one micro-batch of 8 x prompts")
     ap.add_argument("--shapes", choices=list(SHAPES), default="qwen3-1.7b", help="model shapes (small: CPU check of this script)")
     ap.add_argument("--base-dir", type=Path, default=Path("/tmp/bench_grpo/base"), help="where the random model is built (reused if present)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_grpo/work"), help="scratch dir: stage outputs, Unsloth's compiled cache")
@@ -327,15 +317,12 @@ def main() -> None:
         ap.error("--backend and --out are required (unless --build-only)")
     ensure_base(args.base_dir, args.shapes)
 
-    work = args.work_dir / f"{args.backend}_{args.completion_length}_{args.prompts_per_step}"
+    work = args.work_dir / f"{args.backend}_{args.generation}_{args.completion_length}_{args.prompts_per_step}"
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # Unsloth writes ./unsloth_compiled_cache
     prompts = work / "grpo.parquet"
     write_prompts(prompts, count=args.prompts, same=args.same_prompt)
     params = bench_params(args, base_dir / "model")
-
-    if args.import_unsloth_first and args.backend == "unsloth":
-        import unsloth  # noqa: F401  before transformers/peft/trl, as Unsloth asks
 
     import stages.grpo as grpo
 
@@ -344,7 +331,7 @@ def main() -> None:
               "prompts_per_step": args.prompts_per_step, "same_prompt": args.same_prompt, "prompt_set_size": args.prompts, "generations_per_prompt": 8,
               "completions_per_step": completions, "steps": args.steps, "warmup": args.warmup,
               "shapes": args.shapes, "monitor_kl": params.grpo.monitor_kl,
-              "import_unsloth_first": args.import_unsloth_first, "lora": params.model.lora.model_dump(),
+              "generation": args.generation, "micro_batches": args.micro_batches, "lora": params.model.lora.model_dump(),
               "grpo": {k: v for k, v in params.grpo.model_dump().items() if k != "rewards"},
               "model": {k: v for k, v in params.model.model_dump().items() if k not in ("tiny", "lora")}}
     probe = Probe()
@@ -355,7 +342,7 @@ def main() -> None:
         """Written after every step too, so a run stopped by a time limit still leaves its steps."""
         import torch
 
-        history = probe.callback.history if probe.callback else []
+        history = probe.rows
         result = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv), "complete": metrics is not None,
             "config": config, **host,
@@ -370,8 +357,10 @@ def main() -> None:
         return result
 
     probe.on_step = lambda: write_result(None)
-    instrument(probe)
-    metrics = grpo.run(params, prompts, base_dir, work / "no_sft", work / "grpo_out", work / "ckpt", work / "plots")
+    grpo.import_backend(args.backend, args.generation, params.grpo.vllm_enable_sleep_mode)  # as the stage does
+    probe.time_trl_phases()
+    metrics = grpo.run(params, prompts, base_dir, work / "no_sft", work / "grpo_out", work / "ckpt", work / "plots",
+                       callbacks=[probe.callback()])
     result = write_result(metrics)
     print(json.dumps({"out": str(args.out), "summary": result["summary"], "peak_memory_gib": result["peak_memory_gib"],
                       "stage_step_seconds_mean": metrics.get("step_seconds"),

@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="seeds run at once (each in its own workspace; for a GPU)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
     args = parser.parse_args()
-    from flows.workspace import parse_overrides
+    from stages.common.params import parse_overrides
 
     overrides = parse_overrides(args.overrides)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}

@@ -41,10 +41,10 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows import summary
-from flows.workspace import (declared_path, parse_overrides, resolve_params, stage_order, workspace_lock,
+from flows.workspace import (declared_path, resolve_params, stage_order, workspace_lock,
                              WorkspaceBusy, write_params)
 from stages.common import tracking
-from stages.common.params import ROOT, Params, ParamsError
+from stages.common.params import ROOT, Params, ParamsError, parse_overrides
 
 TAIL_LINES = 30  # lines of a failed stage's output quoted in the error
 

@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 import yaml
 from filelock import FileLock, Timeout
 
-from stages.common.params import Params, ParamsError, apply_overrides, read_yaml, validate
+from stages.common.params import Params, apply_overrides, read_yaml, validate
+from stages.common.paths import declared_paths, dvc_spec
 
 LOCK_NAME = ".pipeline.lock"
 OVERRIDES_NOTE = "flows.pipeline applied overrides:"
@@ -33,7 +34,7 @@ def stage_order(root: Path, targets: list[str] | None = None) -> list[str]:
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    declared = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    declared = list(dvc_spec(root).get("stages", {}))
 
     def address(stage: Any) -> str:
         """What `dvc repro` run in root takes: the name for root's dvc.yaml, else path:name."""
@@ -62,17 +63,6 @@ def stage_order(root: Path, targets: list[str] | None = None) -> list[str]:
 
 
 # ------------------------------------------------------------------ params
-def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """['grpo.beta=0.04', 'evaluate.models=[base]'] -> {'grpo.beta': 0.04, ...}; values are YAML, as in `dvc exp run -S`."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ParamsError(f"override {pair!r}: expected key.path=value, e.g. grpo.beta=0.04")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return out
-
-
 def resolve_params(root: Path, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Params:
     """The params a run would use: root's params.yaml (or a preset) plus overrides, validated by the project loader."""
     if preset:
@@ -156,8 +146,8 @@ def locked_outs_digest(root: Path, stage: str) -> str | None:
 
 
 def declared_path(root: Path, key: str) -> Path:
-    """An output path from dvc.yaml's `vars: - paths:` block (the one place paths are declared)."""
-    for entry in (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("vars", []):
-        if isinstance(entry, dict) and key in entry.get("paths", {}):
-            return root / entry["paths"][key]
-    raise KeyError(f"no path {key!r} in {root / 'dvc.yaml'} vars")
+    """An output path from root's dvc.yaml `vars: - paths:` block (the one place paths are declared)."""
+    paths = declared_paths(root)
+    if key not in paths:
+        raise KeyError(f"no path {key!r} in {root / 'dvc.yaml'} vars")
+    return root / paths[key]

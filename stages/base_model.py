@@ -70,7 +70,7 @@ def build_tiny(params: Params, prepared: Path, out: Path) -> dict:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     t = params.model.tiny
-    fmt = AnswerFormat(**params.project.answer_format.model_dump())
+    fmt = params.project.answer_format.build()
     model_dir = out / "model"
     tok = build_tokenizer(training_text(prepared, fmt), t.vocab_size, t.tokenizer_model, fmt, model_dir)
     vocab = len(tok)
@@ -119,7 +119,7 @@ def run(params: Params, prepared: Path, out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    fmt = AnswerFormat(**params.project.answer_format.model_dump())
+    fmt = params.project.answer_format.build()
     if params.model.name_or_path == "tiny":
         info = build_tiny(params, prepared, out)
     else:

@@ -281,7 +281,7 @@ class ModelResult:
 def evaluate_model(params: Params, spec: ModelSpec, eval_file: Path, out_dir: Path) -> ModelResult:
     """Run lm-eval on one model; write samples.jsonl and report.md into out_dir."""
     e = params.evaluate
-    fmt = AnswerFormat(**params.project.answer_format.model_dump())
+    fmt = params.project.answer_format.build()
     read_split(eval_file)  # a missing, empty or malformed split fails before any model loads
     check_adapter(spec, params.model.trust_remote_code)
     backend, why = choose_backend(e.backend)

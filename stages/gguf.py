@@ -234,7 +234,7 @@ def run(params: Params, merged: Path, eval_file: Path, out: Path) -> dict[str, A
     g, start = params.gguf, time.perf_counter()
     if not (merged / "config.json").exists():
         raise FileNotFoundError(f"{merged} holds no merged model (config.json): run the merge stage first (dvc repro merge)")
-    fmt = AnswerFormat(**params.project.answer_format.model_dump())
+    fmt = params.project.answer_format.build()
     tokenizer = models.load_tokenizer(merged)
     items = questions(eval_file, g.eval_questions)
     prompts = [prompt_ids(tokenizer, fmt, q) for q, _ in items]

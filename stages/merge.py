@@ -166,7 +166,7 @@ def compare(reference, candidate, tokenizer, prompts: list[str], tokens: int, at
 def verify(base_dir: Path, grpo_dir: Path, merged_dir: Path, eval_file: Path, params: Params) -> dict[str, Any]:
     """Load base + adapter and the saved merged model (both float32) and compare them."""
     device = "cuda" if models.has_cuda() else "cpu"
-    fmt = AnswerFormat(**params.project.answer_format.model_dump())
+    fmt = params.project.answer_format.build()
     tokenizer = models.load_tokenizer(merged_dir)
     trust = params.model.trust_remote_code
     reference = models.load_with_adapter(base_dir, grpo_dir, dtype=CHECK_DTYPE, trust_remote_code=trust).to(device)

@@ -169,7 +169,7 @@ def overlap(train: list[dict], test: list[dict]) -> tuple[set[int], dict[str, in
 
 # ------------------------------------------------------------------ splits
 def build_splits(params: Params) -> tuple[dict[str, pd.DataFrame], dict]:
-    p, fmt = params.prepare, AnswerFormat(**params.project.answer_format.model_dump())
+    p, fmt = params.prepare, params.project.answer_format.build()
     raw_train, raw_test = load_source(p, params.project.seed)
     train, train_bad, train_examples = clean(raw_train)
     test, test_bad, test_examples = clean(raw_test)

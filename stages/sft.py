@@ -39,7 +39,7 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
     if backend == "unsloth":
         # Before stages.common.training imports transformers and peft: Unsloth patches them on import.
         import unsloth  # noqa: F401
-    from stages.common.training import MlflowMetricsCallback, load_for_training, optimizer, precision_flags
+    from stages.common.training import MlflowMetricsCallback, load_for_training, precision_flags
 
     model, tokenizer = load_for_training(m, base_dir, backend, seed=s.seed)
 
@@ -49,15 +49,11 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
     data = datasets.Dataset.from_parquet(str(sft_file)).select_columns(["prompt", "completion"])
     if len(data) == 0:
         raise ValueError(f"{sft_file} has no rows: set prepare.sft_examples > 0 or sft.enabled: false")
-    config = SFTConfig(
-        output_dir=str(out_dir / "trainer"), num_train_epochs=s.num_train_epochs, max_steps=s.max_steps,
-        learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, lr_scheduler_type=s.lr_scheduler_type,
-        optim=optimizer(s.optim, backend), weight_decay=s.weight_decay,
-        per_device_train_batch_size=s.per_device_train_batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps, max_length=s.max_length,
-        logging_steps=s.logging_steps, seed=s.seed, save_strategy="no", report_to="none",
-        completion_only_loss=True, disable_tqdm=False, use_cpu=not models.has_cuda(),
-        **precision_flags(m.dtype))
+    from stages.common.trl_args import sft_kwargs
+
+    config = SFTConfig(output_dir=str(out_dir / "trainer"), save_strategy="no", report_to="none",
+                       completion_only_loss=True, disable_tqdm=False, use_cpu=not models.has_cuda(),
+                       **sft_kwargs(s, SFTConfig, backend), **precision_flags(m.dtype))
     # Outside trainer/ (deleted below): metrics a vanished tracking server did not take.
     callback = MlflowMetricsCallback(unlogged_file=out_dir / "unlogged_metrics.jsonl")
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,

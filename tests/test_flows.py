@@ -28,7 +28,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 from flows import summary  # noqa: E402
 from flows.continuous import continuous, decide  # noqa: E402
 from flows.pipeline import StageFailed, pipeline  # noqa: E402
-from flows.workspace import (LOCK_NAME, WorkspaceBusy, parse_overrides, resolve_params, stage_order,  # noqa: E402
+from stages.common.params import parse_overrides  # noqa: E402
+from flows.workspace import (LOCK_NAME, WorkspaceBusy, resolve_params, stage_order,  # noqa: E402
                              workspace_lock, write_params)
 from stages.common.params import ROOT, ParamsError, load_params  # noqa: E402
 

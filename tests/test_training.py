@@ -126,38 +126,87 @@ def _workspace(tmp_path: Path, prepared_dir: Path, base_dir: Path, overrides: di
     return work
 
 
-@pytest.mark.slow
-def test_grpo_killed_mid_run_resumes_from_checkpoint(tmp_path, prepared_dir, base_dir, mlruns_dir):
-    overrides = {"sft": {"enabled": False},
-                 "grpo": {"rewards": [{"name": "tests.test_training:distinct_chars"}], "max_steps": 10,
-                          "save_steps": 2, "max_completion_length": 16, "log_completions_every": 0}}
-    work = _workspace(tmp_path, prepared_dir, base_dir, overrides)
+KILL_RUN = {"sft": {"enabled": False},
+            "grpo": {"rewards": [{"name": "tests.test_training:distinct_chars"}], "max_steps": 8, "save_steps": 2,
+                     "max_completion_length": 16, "log_completions_every": 0, "lr_scheduler_type": "constant",
+                     "warmup_ratio": 0.0}}
+
+
+def _run_stage(work: Path, mlruns_dir: Path, kill_after: str | None = None) -> subprocess.CompletedProcess | None:
+    """`python -m stages.grpo` in work; with kill_after, SIGKILL it once that checkpoint is complete."""
     env = {**os.environ, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(mlruns_dir)}
-    ckpt = work / "checkpoints" / "grpo"
-
-    first = subprocess.Popen([sys.executable, "-m", "stages.grpo"], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kill_after is None:
+        return subprocess.run([sys.executable, "-m", "stages.grpo"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.grpo"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = work / "checkpoints" / "grpo" / kill_after / "trainer_state.json"
     deadline = time.monotonic() + 240
-    while not (ckpt / "checkpoint-2" / "trainer_state.json").exists():
-        assert first.poll() is None, f"grpo exited early: {first.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    run_id = json.loads((ckpt / "run_state.json").read_text())["mlflow_run_id"]
-    assert not (work / "metrics" / "grpo.json").exists(), "the run finished before it was killed"
+    while not done.exists():
+        assert proc.poll() is None, f"grpo exited early: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {kill_after} within 240 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
 
-    second = subprocess.run([sys.executable, "-m", "stages.grpo"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    metrics = json.loads((work / "metrics" / "grpo.json").read_text())
-    assert metrics["resumed_from_checkpoint"] in {"checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"}
-    assert metrics["steps"] == 10
-    assert (work / "models" / "grpo" / "model.safetensors").exists()
-    assert json.loads((ckpt / "run_state.json").read_text())["mlflow_run_id"] == run_id, "resume opened a new MLflow run"
 
+@pytest.mark.slow
+def test_grpo_killed_mid_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, prepared_dir, base_dir, mlruns_dir):
+    """Kill after checkpoint-2, rerun unchanged: it resumes there, as a new MLflow run linked to the
+    killed one (now KILLED), with every step logged once; and it ends with the step count and
+    weights of a run that was never interrupted (CPU, fixed seed: equal within 1e-5)."""
     import mlflow
+    import torch
+    from safetensors.torch import load_file
 
-    run = mlflow.MlflowClient().get_run(run_id)
-    assert run.data.tags.get("resumed_from") == metrics["resumed_from_checkpoint"]
-    assert run.info.status == "FINISHED"
+    killed = _workspace(tmp_path / "a", prepared_dir, base_dir, KILL_RUN)
+    whole = _workspace(tmp_path / "b", prepared_dir, base_dir, KILL_RUN)
+
+    _run_stage(killed, mlruns_dir, kill_after="checkpoint-2")
+    first_run = json.loads((killed / "checkpoints" / "grpo" / "run_state.json").read_text())["mlflow_run_id"]
+    assert not (killed / "metrics" / "grpo.json").exists(), "the run finished before it was killed"
+    second = _run_stage(killed, mlruns_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads((killed / "metrics" / "grpo.json").read_text())
+    assert metrics["resumed_from_checkpoint"] in {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    assert metrics["steps"] == 8
+
+    client = mlflow.MlflowClient()
+    resumed_run = json.loads((killed / "checkpoints" / "grpo" / "run_state.json").read_text())["mlflow_run_id"]
+    assert resumed_run != first_run
+    tags = client.get_run(resumed_run).data.tags
+    assert tags["resumed_from_run_id"] == first_run and tags["resumed_from"] == metrics["resumed_from_checkpoint"]
+    assert client.get_run(first_run).info.status == "KILLED"
+    assert client.get_run(resumed_run).info.status == "FINISHED"
+    history = [m.step for m in client.get_metric_history(resumed_run, "reward")]
+    assert sorted(history) == list(range(1, 9)), f"each step once, the restored ones included: {history}"
+    csv_steps = [int(line.split(",")[0]) for line in (killed / "plots" / "grpo_rewards.csv").read_text().splitlines()[1:]]
+    assert csv_steps == list(range(1, 9))
+
+    uninterrupted = _run_stage(whole, mlruns_dir)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert json.loads((whole / "metrics" / "grpo.json").read_text())["steps"] == 8
+    a = load_file(killed / "models" / "grpo" / "model.safetensors")
+    b = load_file(whole / "models" / "grpo" / "model.safetensors")
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-5, f"resumed and uninterrupted runs differ by up to {worst}"
+
+
+@pytest.mark.slow
+def test_changed_inputs_start_fresh_and_keep_the_old_checkpoints(tmp_path, prepared_dir, base_dir, mlruns_dir):
+    """A finished run, then its training data changes: the rerun starts at step 0 (not from the old
+    final checkpoint), and the old checkpoints are set aside with the reason."""
+    import pandas as pd
+
+    work = _workspace(tmp_path, prepared_dir, base_dir, {**KILL_RUN, "grpo": {**KILL_RUN["grpo"], "max_steps": 2}})
+    assert _run_stage(work, mlruns_dir).returncode == 0
+    data = work / "data" / "prepared" / "grpo.parquet"
+    pd.read_parquet(data).iloc[::-1].reset_index(drop=True).to_parquet(data)  # same rows, other order: other bytes
+    again = _run_stage(work, mlruns_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((work / "metrics" / "grpo.json").read_text())
+    assert metrics["resumed_from_checkpoint"] is None and metrics["steps"] == 2
+    assert "inputs changed" in again.stdout
+    stale = list((work / "checkpoints" / "grpo.stale").iterdir())
+    assert len(stale) == 1 and (stale[0] / "checkpoint-2").is_dir()

@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from stages.common.answer_format import AnswerFormat
+
 ROOT = Path(__file__).resolve().parents[2]
 # The workspace's params.yaml: the project root, or PIPELINE_WORKDIR when set (see paths.py).
 PARAMS_FILE = Path(os.environ.get("PIPELINE_WORKDIR") or ROOT) / "params.yaml"
@@ -39,11 +41,15 @@ def F(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - `help` reads b
 
 # --------------------------------------------------------------------------- project
 class AnswerFormatParams(Section):
-    reasoning_start: str = F("<think>", "Tag opening the reasoning block (seeds: <think>; also e.g. <reasoning>).", min_length=1)
-    reasoning_end: str = F("</think>", "Tag closing the reasoning block.", min_length=1)
-    solution_start: str = F("<SOLUTION>", "Tag opening the final-answer block (seeds: <SOLUTION>; also e.g. <answer>).", min_length=1)
-    solution_end: str = F("</SOLUTION>", "Tag closing the final-answer block.", min_length=1)
+    reasoning_start: str = F(AnswerFormat.reasoning_start, "Tag opening the reasoning block (seeds: <think>; also e.g. <reasoning>).", min_length=1)
+    reasoning_end: str = F(AnswerFormat.reasoning_end, "Tag closing the reasoning block.", min_length=1)
+    solution_start: str = F(AnswerFormat.solution_start, "Tag opening the final-answer block (seeds: <SOLUTION>; also e.g. <answer>).", min_length=1)
+    solution_end: str = F(AnswerFormat.solution_end, "Tag closing the final-answer block.", min_length=1)
     system_prompt: str | None = F(None, "System prompt given with every question. None: the built-in instructions naming the tags; \"\": no system message.")
+
+    def build(self) -> AnswerFormat:
+        """The answer format these params describe (what prepare, rewards, evaluation and export use)."""
+        return AnswerFormat(**self.model_dump())
 
 
 class ProjectParams(Section):
@@ -213,8 +219,27 @@ class GRPOParams(Section):
     importance_sampling_level: Literal["token", "sequence"] = F("token", "Where the ratio is taken: token (GRPO) or sequence (GSPO).")
     scale_rewards: Literal["group", "batch", "none"] = F("group", "Advantage scaling by std: per group, per batch, or none (Dr. GRPO).")
     mask_truncated_completions: bool = F(False, "Exclude completions cut off at max_completion_length from the loss (DAPO).")
-    vllm_importance_sampling_correction: bool = F(True, "Correct for vLLM/trainer logit mismatch (truncated importance sampling); vLLM only.")
-    vllm_importance_sampling_cap: float = F(2.0, "Cap of that correction's ratio.", gt=0)
+    vllm_mode: Literal["colocate", "server"] = F(
+        "colocate", "With model.generation=vllm: colocate runs vLLM inside the training process on the same GPU "
+        "(both backends; Unsloth's fast_inference shares its weights); server sends rollouts to a `trl vllm-serve` "
+        "process at vllm_server_host:vllm_server_port (backend trl; the stage checks its health first).")
+    vllm_enable_sleep_mode: bool = F(
+        False, "Free vLLM's memory while training. trl backend: vLLM sleep mode (weights and KV cache offloaded during "
+        "the optimizer step, woken for each rollout). unsloth backend: Unsloth Standby (UNSLOTH_VLLM_STANDBY=1: only the "
+        "KV cache is released, weights stay shared), which lets model.gpu_memory_utilization go up to ~0.95.")
+    vllm_max_model_length: int | None = F(
+        None, "vLLM's context length in tokens (trl backend). None: max_prompt_length + max_completion_length, "
+        "the longest sequence a rollout can hold, so vLLM reserves no KV cache beyond it.", ge=16)
+    vllm_tensor_parallel_size: int = F(1, "GPUs one colocated vLLM engine is split over (trl backend, colocate).", ge=1)
+    vllm_server_base_url: str | None = F(None, "URL of a `trl vllm-serve` server (vllm_mode server); overrides host and port.")
+    vllm_server_host: str = F("127.0.0.1", "Host of the `trl vllm-serve` server (vllm_mode server).")
+    vllm_server_port: int = F(8000, "Port of the `trl vllm-serve` server (vllm_mode server).", ge=1, le=65535)
+    vllm_server_timeout: float = F(240.0, "Seconds to wait for the vLLM server to answer its health check before failing.", gt=0)
+    vllm_importance_sampling_correction: bool = F(True, "Correct for the vLLM/trainer log-prob mismatch with importance sampling (vLLM only; needs an extra log-prob pass per step).")
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = F(
+        "sequence_mask", "How that correction is applied (TRL's default sequence_mask; loss_type vespo needs a token_* mode).")
+    vllm_importance_sampling_clip_max: float | None = F(3.0, "Upper bound of the importance ratio: clipped (truncate) or masked (mask) above it (TRL's default 3.0).", gt=0)
+    vllm_importance_sampling_clip_min: float | None = F(None, "Lower bound of the importance ratio (None: none).", gt=0)
     max_steps: int = F(100, "Optimizer steps (seeds: 100 for a demo, more for real runs); -1 = use epochs.", ge=-1)
     num_train_epochs: float = F(1.0, "Epochs over the prompts when max_steps is -1.", gt=0)
     save_steps: int = F(50, "Checkpoint every N steps; the stage resumes from the last one if killed.", ge=1)
@@ -227,6 +252,12 @@ class GRPOParams(Section):
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ValueError(f"set only one of generation_batch_size ({self.generation_batch_size}) "
                              f"and steps_per_generation ({self.steps_per_generation})")
+        if self.loss_type == "vespo" and not self.vllm_importance_sampling_mode.startswith("token"):
+            raise ValueError(f"loss_type vespo needs a token-level vllm_importance_sampling_mode (token_truncate or "
+                             f"token_mask), got {self.vllm_importance_sampling_mode!r}")
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be below vllm_importance_sampling_clip_max ({hi})")
         gen = self.effective_generation_batch_size
         if gen % self.num_generations:
             raise ValueError(
@@ -335,7 +366,7 @@ def _unknown_key_hint(loc: tuple) -> str:
     return f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
 
 
-def _format_errors(err: ValidationError, raw: dict) -> str:
+def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
@@ -358,7 +389,7 @@ def validate(raw: Any, origin: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(f"{origin}: " + _format_errors(err, raw)) from None
+        raise ParamsError(f"{origin}: " + _format_errors(err)) from None
 
 
 def read_yaml(path: Path) -> Any:
@@ -385,6 +416,17 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
             if not isinstance(node, dict):
                 raise ParamsError(f"override {dotted}: {key} is not a section")
         node[leaf] = value
+    return out
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """['grpo.beta=0.04', 'evaluate.models=[base]'] -> {'grpo.beta': 0.04, ...}; values are YAML, as in `dvc exp run -S`."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"override {pair!r}: expected key.path=value, e.g. grpo.beta=0.04")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     return out
 
 

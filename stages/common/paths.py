@@ -14,15 +14,28 @@ CODE_ROOT = Path(__file__).resolve().parents[2]
 ROOT = Path(os.environ.get("PIPELINE_WORKDIR") or CODE_ROOT)
 
 
-def _declared() -> dict[str, str]:
-    spec = yaml.safe_load((CODE_ROOT / "dvc.yaml").read_text())
-    for entry in spec.get("vars", []):
+def dvc_spec(root: Path = CODE_ROOT) -> dict:
+    """root's dvc.yaml, parsed: the one reader of that file in the project."""
+    return yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
+
+
+def declared_paths(root: Path = CODE_ROOT) -> dict[str, str]:
+    """The `vars: - paths: {...}` block of root's dvc.yaml (output paths, relative to root)."""
+    for entry in dvc_spec(root).get("vars", []):
         if isinstance(entry, dict) and "paths" in entry:
             return entry["paths"]
-    raise KeyError("dvc.yaml has no `vars: - paths: {...}` block")
+    raise KeyError(f"{Path(root) / 'dvc.yaml'} has no `vars: - paths: {{...}}` block")
 
 
-PATHS: dict[str, str] = _declared()
+def stage_spec(stage: str, root: Path = CODE_ROOT) -> dict:
+    """One stage's entry in dvc.yaml (cmd, deps, params, outs), with ${paths.*} resolved in deps."""
+    spec = dict(dvc_spec(root).get("stages", {}).get(stage) or {})
+    paths = declared_paths(root)
+    spec["deps"] = [str(d).replace("${paths.", "{").format(**paths) for d in spec.get("deps", [])]
+    return spec
+
+
+PATHS: dict[str, str] = declared_paths()
 
 
 def path(key: str) -> Path:

@@ -116,11 +116,9 @@ def git_commit() -> str:
 
 def stage_deps(stage: str) -> list[str]:
     """The deps of a stage as dvc.yaml declares them, with ${paths.*} resolved."""
-    from stages.common.paths import PATHS
+    from stages.common.paths import stage_spec
 
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    deps = spec["stages"].get(stage, {}).get("deps", [])
-    return [str(d).replace("${paths.", "{").format(**PATHS) for d in deps]
+    return stage_spec(stage, ROOT)["deps"]
 
 
 def inputs_digest(stage: str) -> str:
@@ -272,6 +270,17 @@ def _connect(stage: str, experiment: str) -> str:
             f"{redact(tracking_uri())} cannot be used: {redact(str(err))}\nStart the server, fix "
             "MLFLOW_TRACKING_URI (credentials: MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
             "MLFLOW_TRACKING_TOKEN), or unset it to log to the local store.") from err
+
+
+def mark_killed(run_id: str, note: str) -> None:
+    """Close a run that a killed process left RUNNING (a resumed stage does this for the run it continues)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    with tolerate_outage(f"run {run_id} was not marked KILLED"):
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "killed_note", note)
+            client.set_terminated(run_id, "KILLED")
 
 
 def _end_run(run_id: str, status: str) -> None:

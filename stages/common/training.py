@@ -36,6 +36,13 @@ def precision_flags(dtype: str) -> dict[str, bool]:
     return {"bf16": resolved == torch.bfloat16, "fp16": resolved == torch.float16}
 
 
+def completions_per_step(g) -> float:
+    """Completions generated per optimizer step on one process: TRL generates a batch of
+    per_device_train_batch_size x steps_per_generation completions and trains on it for
+    steps_per_generation x num_iterations micro-batches, gradient_accumulation_steps per step."""
+    return g.per_device_train_batch_size * g.gradient_accumulation_steps / g.num_iterations
+
+
 def optimizer(name: str, backend: str) -> str:
     """8-bit optimizers need bitsandbytes and CUDA; on the CPU path fall back to adamw_torch."""
     if "8bit" in name and backend != "unsloth" and not models.has_cuda():
@@ -117,9 +124,13 @@ class MlflowMetricsCallback(TrainerCallback):
     run_id, step, timestamp in ms, metrics) with a warning; tracking.replay_unlogged sends them.
     """
 
-    def __init__(self, completions_per_step: int | None = None, unlogged_file: Path | None = None):
+    def __init__(self, completions_per_step: float | None = None, unlogged_file: Path | None = None,
+                 drop_kl: bool = False):
         self.completions_per_step = completions_per_step
         self.unlogged_file = unlogged_file
+        # beta 0: nothing is measured against a reference, yet Unsloth logs kl = 0.0; it is left out
+        # so it is never read as a measurement (the monitoring KL is `kl_monitor`).
+        self.drop_kl = drop_kl
         self.history: list[dict[str, float]] = []
         self.pending: list[dict[str, Any]] = []
         self._failing = False
@@ -130,11 +141,33 @@ class MlflowMetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self._last_time = time.perf_counter()
         self._last_tokens = None
+        if state.global_step > 0:  # resumed: carry the history up to the checkpoint, each step once
+            import mlflow
+
+            from stages.common.tracking import metric_name
+
+            restored = [h for h in state.log_history if "step" in h and h["step"] <= state.global_step and "loss" in h]
+            for h in restored:
+                numeric = self._numeric({k: v for k, v in h.items() if k != "step"})
+                self.history.append({"step": float(h["step"]), **numeric})
+                if mlflow.active_run() is not None:
+                    self.pending.append({"run_id": mlflow.active_run().info.run_id, "step": int(h["step"]),
+                                         "timestamp": int(time.time() * 1000),
+                                         "metrics": {metric_name(k): v for k, v in numeric.items()}})
+            if self.pending:
+                self._send(state.global_step)
+
+    @staticmethod
+    def _numeric(logs: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in logs.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
     def on_log(self, args, state, control, logs=None, **kw):
         import mlflow
 
         logs = dict(logs or {})
+        if self.drop_kl:
+            logs.pop("kl", None)
         for key in ("loss", "train_loss"):
             if key in logs and not math.isfinite(float(logs[key])):
                 raise NonFiniteLossError(
@@ -157,9 +190,13 @@ class MlflowMetricsCallback(TrainerCallback):
         for key, value in logs.items():
             if key.startswith("memory/"):
                 self.peak[key] = max(self.peak.get(key, 0.0), value)
-        numeric = {k: float(v) for k, v in logs.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        numeric = self._numeric(logs)
         self.history.append({"step": float(state.global_step), **numeric})
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            # Saved with the next checkpoint, so a resumed run carries these too.
+            state.log_history[-1].update({k: v for k, v in numeric.items() if k not in state.log_history[-1]})
+            if self.drop_kl:
+                state.log_history[-1].pop("kl", None)
         if mlflow.active_run() is not None:
             from stages.common.tracking import metric_name
 

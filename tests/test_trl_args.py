@@ -1,0 +1,45 @@
+"""Every params field reaches TRL or is listed as project-only (stages/common/trl_args.py)."""
+from __future__ import annotations
+
+import pytest
+
+from stages.common import trl_args
+from stages.common.params import GRPOParams, SFTParams
+from tests.conftest import tiny
+
+
+def test_every_grpo_field_is_mapped():
+    from trl import GRPOConfig
+
+    assert trl_args.unmapped(GRPOParams, GRPOConfig, trl_args.GRPO_PROJECT_ONLY, trl_args.GRPO_CONVERTED) == []
+    # The lists name real fields only (a stale entry would hide a dropped one).
+    listed = set(trl_args.GRPO_PROJECT_ONLY) | set(trl_args.GRPO_CONVERTED)
+    assert listed <= set(GRPOParams.model_fields)
+
+
+def test_every_sft_field_is_mapped():
+    from trl import SFTConfig
+
+    assert trl_args.unmapped(SFTParams, SFTConfig, trl_args.SFT_PROJECT_ONLY, trl_args.SFT_CONVERTED) == []
+    assert set(trl_args.SFT_PROJECT_ONLY) | set(trl_args.SFT_CONVERTED) <= set(SFTParams.model_fields)
+
+
+def test_values_arrive_in_the_config():
+    from trl import GRPOConfig
+
+    g = tiny({"grpo": {"vllm_importance_sampling_mode": "token_truncate", "epsilon_high": None, "epsilon": 0.25,
+                       "top_k": None, "beta": 0.04, "vllm_max_model_length": 640, "seed": 11}}).grpo
+    kwargs = trl_args.grpo_kwargs(g, GRPOConfig, backend="trl")
+    assert kwargs["vllm_importance_sampling_mode"] == "token_truncate" and kwargs["beta"] == 0.04
+    assert kwargs["epsilon_high"] == 0.25 and kwargs["top_k"] == 0
+    assert kwargs["seed"] == kwargs["data_seed"] == 11 and kwargs["vllm_max_model_length"] == 640
+    assert "rewards" not in kwargs and "monitor_kl" not in kwargs
+    config = GRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none", **kwargs)
+    assert config.vllm_importance_sampling_mode == "token_truncate"
+
+
+def test_a_field_nobody_maps_fails_loudly():
+    from trl import GRPOConfig
+
+    with pytest.raises(RuntimeError, match="reaches neither GRPOConfig nor project code"):
+        trl_args.translate({"no_such_knob": 1}, GRPOConfig, {}, {}, {})
