@@ -153,7 +153,9 @@ def model_args(spec: ModelSpec, backend: str, params: Params) -> dict[str, Any]:
     if spec.revision:
         args["revision"] = spec.revision
     if backend == "vllm":
-        args |= {"gpu_memory_utilization": params.model.gpu_memory_utilization, "seed": params.project.seed}
+        # max_model_len: the longest prompt plus answer, so vLLM reserves no KV cache beyond what a question needs.
+        args |= {"gpu_memory_utilization": params.model.gpu_memory_utilization, "seed": params.project.seed,
+                 "max_model_len": params.model.max_seq_length}
         if spec.adapter:
             rank = json.loads((Path(spec.adapter) / "adapter_config.json").read_text()).get("r", 16)
             args |= {"lora_local_path": spec.adapter, "max_lora_rank": max(8, 2 ** math.ceil(math.log2(rank)))}
@@ -169,7 +171,9 @@ def load_lm(spec: ModelSpec, backend: str, params: Params):
 
     args = model_args(spec, backend, params)
     try:
-        return get_model(backend).create_from_arg_obj(args, {"batch_size": params.evaluate.batch_size})
+        # vLLM schedules its own batches: lm-eval hands it every question at once ("auto").
+        batch = "auto" if backend == "vllm" else params.evaluate.batch_size
+        return get_model(backend).create_from_arg_obj(args, {"batch_size": batch})
     except Exception as err:  # lm-eval/transformers raise many types; add which model failed
         raise EvalError(f"lm-eval could not load {spec.name} ({backend}, {args}): {type(err).__name__}: {err}") from err
 
