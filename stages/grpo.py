@@ -62,10 +62,25 @@ def load_prompts(file: Path, tokenizer, max_prompt_length: int):
 
 
 # ------------------------------------------------------------------ checks before anything is touched
+# Measured on the H200 (docs/benchmarks.md, "Unsloth + vLLM"): with rollouts truncated by min_p, top_k
+# or top_p, Unsloth 2026.10.9 scores the trainer over the rollouts' kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT,
+# automatic), and torch.compile traced that scorer for over 4 minutes on step 1 without finishing, in
+# 4 of 4 runs. Plain TRL + vLLM runs the same sampling at the plain script's speed.
+UNSLOTH_TRUNCATED = ("Unsloth's vLLM path cannot take truncated sampling (grpo.min_p/top_k/top_p): its kept-set "
+                     "scorer compiles for minutes (docs/benchmarks.md); using plain TRL + vLLM. For Unsloth's path "
+                     "set grpo.min_p: null, grpo.top_k: null, grpo.top_p: 1.0")
+
+
 def engines(params: Params) -> tuple[tuple[str, str], tuple[str, str]]:
-    """((backend, why), (generation, why)), refusing combinations that cannot run."""
-    backend, generation = models.choose_backend(params.model.backend), models.choose_generation(params.model.generation)
-    if generation[0] == "vllm" and params.grpo.vllm_mode == "server" and backend[0] == "unsloth":
+    """((backend, why), (generation, why)), refusing or replacing combinations that cannot run."""
+    m, g = params.model, params.grpo
+    backend, generation = models.choose_backend(m.backend), models.choose_generation(m.generation)
+    truncated = bool(g.min_p) or bool(g.top_k) or g.top_p < 1.0
+    if generation[0] == "vllm" and backend[0] == "unsloth" and truncated:
+        if m.backend == "unsloth":
+            print(f"grpo: WARNING: model.backend is unsloth, but {UNSLOTH_TRUNCATED}")
+        backend = ("trl", ("fallback: " if m.backend == "unsloth" else "auto: ") + UNSLOTH_TRUNCATED)
+    if generation[0] == "vllm" and g.vllm_mode == "server" and backend[0] == "unsloth":
         raise ValueError("grpo.vllm_mode: server needs model.backend: trl (Unsloth's vLLM is the colocated "
                          "fast_inference engine); set model.backend: trl or grpo.vllm_mode: colocate")
     return backend, generation

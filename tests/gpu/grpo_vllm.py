@@ -16,7 +16,9 @@ RUN = {
     "sft": {"enabled": False},
     "grpo": {"rewards": [{"name": "tag_count"}, {"name": "tests.test_training:distinct_chars"}],
              "max_steps": 3, "save_steps": 100, "log_completions_every": 1, "max_completion_length": 32,
-             "max_prompt_length": 192, "learning_rate": 1e-2, "monitor_kl_every": 1, "optim": "adamw_torch"},
+             "max_prompt_length": 192, "learning_rate": 1e-2, "monitor_kl_every": 1, "optim": "adamw_torch",
+             # Full-vocabulary sampling: with min_p the stage would (rightly) leave Unsloth for plain TRL.
+             "min_p": None},
 }
 
 

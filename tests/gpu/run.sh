@@ -8,6 +8,6 @@
 # takes a small share of the GPU, and a process never hosts two engines.
 set -u
 source bench/gpu_env.sh
-python3 -m pytest -m gpu tests/gpu -n 4 --dist loadfile -p no:cacheprovider -q -rA \
+python3 -m pytest -m gpu tests/gpu -n 4 --dist loadfile -p no:cacheprovider -v -rA \
     --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | grep -vE "it/s\]|s/it\]"
 exit "${PIPESTATUS[0]}"
