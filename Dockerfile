@@ -1,16 +1,17 @@
 # GPU training image: the whole pipeline (`dvc repro`) on one CUDA GPU with the `gpu` extra
-# (Unsloth, vLLM, bitsandbytes).
+# (Unsloth, vLLM 0.26.0, bitsandbytes).
 #
 #   docker build -t gsm8k-grpo .
 #   docker run --gpus all gsm8k-grpo                                   # dvc repro
 #   docker run --gpus all -v "$PWD":/workspace gsm8k-grpo              # same, on your checkout
 #   docker run --gpus all gsm8k-grpo python -m stages.grpo             # one stage
 #
-# Pinned base: vllm 0.33.0 requires torch==2.14.0, so the image's own CUDA build of torch
-# satisfies the project's torch range and pip never replaces it. The devel variant has nvcc
-# and a compiler: Triton and Unsloth compile kernels at run time, and llama-cpp-python is
-# only published as an sdist, so it is compiled during `pip install`.
-FROM pytorch/pytorch:2.14.0-cuda12.8-cudnn9-devel
+# Pinned base: the torch the `gpu` extra pins (2.11.0, CUDA 13.0: what vllm 0.26.0 requires and what the
+# H200 behind docs/benchmarks.md ran), so pip never replaces the image's CUDA build. The devel variant
+# has nvcc and a compiler: Triton and Unsloth compile kernels at run time, and llama-cpp-python is
+# only published as an sdist, so it is compiled during `pip install`. (No Docker engine where this
+# project is developed: the image is checked as text by tests/test_packaging.py, not built.)
+FROM pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel
 
 # git: DVC keeps its experiment state in git. cmake and build-essential: the llama.cpp build.
 RUN apt-get update \

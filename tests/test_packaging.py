@@ -99,8 +99,28 @@ def test_dockerfile_base_torch_matches_the_pins():
         pytest.skip(f"base image {image} is not a pytorch/pytorch image")
     torch = _names(PYPROJECT["project"]["dependencies"])["torch"]
     assert torch.specifier.contains(match.group(1)), f"torch {match.group(1)} outside {torch.specifier}"
-    vllm = _names(PYPROJECT["project"]["optional-dependencies"]["gpu"])["vllm"]
-    assert str(vllm.specifier) != "==0.33.0" or match.group(1) == "2.14.0", "vllm 0.33.0 needs torch 2.14.0"
+    gpu_torch = _names(PYPROJECT["project"]["optional-dependencies"]["gpu"])["torch"]
+    assert gpu_torch.specifier.contains(match.group(1)), f"the image's torch {match.group(1)} is not the gpu extra's {gpu_torch}"
+
+
+def _recorded_gpu_environment() -> dict[str, str]:
+    """Package versions of the last GPU run (bench/gpu_env.sh writes machine.txt on the H200)."""
+    text = (ROOT / "bench" / "results" / "session3" / "machine.txt").read_text()
+    found = dict(line.split()[:2] for line in text.splitlines() if len(line.split()) >= 2 and not line.startswith("name"))
+    found["torch"] = found["torch"].split("+")[0]
+    found["cuda"] = re.search(r"^torch \S+ cuda (\d+\.\d+)", text, re.M).group(1)
+    return found
+
+
+def test_gpu_extra_dockerfile_and_benchmark_environment_agree():
+    """The `gpu` extra pins exactly what ran on the H200, and the Dockerfile's base carries that torch."""
+    ran = _recorded_gpu_environment()
+    pins = {**_names(PYPROJECT["project"]["dependencies"]), **_names(PYPROJECT["project"]["optional-dependencies"]["gpu"])}
+    for name in ("vllm", "unsloth", "unsloth_zoo", "trl", "transformers", "torch", "bitsandbytes", "datasets", "accelerate"):
+        assert pins[canonicalize_name(name)].specifier.contains(ran[name]), \
+            f"{name}: {ran[name]} ran on the GPU but pyproject pins {pins[canonicalize_name(name)]}"
+    image = next(args for word, args in _instructions() if word == "FROM").split()[0]
+    assert f"pytorch:{ran['torch']}-cuda{ran['cuda']}" in image, f"{image} is not the torch {ran['torch']} / CUDA {ran['cuda']} that ran"
 
 
 def test_dockerfile_runs_the_pipeline_and_disables_telemetry():
