@@ -1,0 +1,78 @@
+"""Minimal reproduction: Unsloth + vLLM GRPO whose first step does not finish when rollouts use min_p.
+
+    python bench/repro_unsloth_truncated_support.py --min-p 0.1 --limit 600    # expected: no step within the limit
+    python bench/repro_unsloth_truncated_support.py --min-p 0                  # expected: steps of a few seconds
+
+No project code: Unsloth 2026.10.9 `FastLanguageModel(fast_inference=True)` + LoRA r32 + TRL 1.14.2
+GRPOTrainer, 8 prompts x 8 generations x 512 tokens in one micro-batch, on the random Qwen3-1.7B-shaped
+model of bench/gpu_grpo.py. With min_p (or top_k, or top_p < 1) the rollouts are truncated, so Unsloth
+scores the trainer over the kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT, automatic when the importance
+sampling correction uses vLLM's log-probs); torch.compile then traced that scorer
+(unsloth_zoo.rl_replacements.grpo_chunked_hidden_states_logprobs) for over 4 minutes without finishing,
+in 4 of 4 runs of the grpo stage on an H200 (bench/results/session3/U*_unsloth_vllm_*.log). A report for
+Unsloth would attach this script's two outputs. Status: written after those runs; not itself run yet.
+A step that is not done after --limit seconds prints every thread's stack (faulthandler) and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--min-p", type=float, default=0.1, help="rollout min_p (0: full-vocabulary sampling)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--limit", type=float, default=600, help="seconds before the stacks are dumped and the run stops")
+    ap.add_argument("--base-dir", type=Path, default=Path("/tmp/bench_grpo/base"))
+    args = ap.parse_args()
+
+    from bench import gpu_grpo
+
+    gpu_grpo.set_offline_env()
+    base = gpu_grpo.ensure_base(args.base_dir.resolve(), "qwen3-1.7b") / "model"
+    prompts = Path("/tmp/repro_prompts.parquet")
+    gpu_grpo.write_prompts(prompts)
+    os.environ["UNSLOTH_VLLM_STANDBY"] = "0"
+    faulthandler.dump_traceback_later(args.limit, exit=True)
+
+    from unsloth import FastLanguageModel  # before trl and transformers
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(base), max_seq_length=1024, load_in_4bit=False,
+                                                         fast_inference=True, max_lora_rank=32, gpu_memory_utilization=0.5)
+    model = FastLanguageModel.get_peft_model(model, r=32, lora_alpha=64, use_gradient_checkpointing="unsloth",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"])
+    data = Dataset.from_parquet(str(prompts)).select_columns(["prompt", "answer"])
+
+    def length_reward(completions, **kwargs):
+        return [len(c[0]["content"]) / 1000 for c in completions]
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args_, state, *a, **kw):
+            print(f"step {state.global_step}: {time.perf_counter() - self.start:.1f} s", flush=True)
+
+    config = GRPOConfig(output_dir="/tmp/repro_ckpt", max_steps=args.steps, num_generations=8,
+                        per_device_train_batch_size=64, max_completion_length=512, use_vllm=True,
+                        min_p=args.min_p or None, logging_steps=1, save_strategy="no", report_to="none")
+    GRPOTrainer(model=model, reward_funcs=length_reward, args=config, train_dataset=data, processing_class=tokenizer,
+                callbacks=[Clock()]).train()
+    faulthandler.cancel_dump_traceback_later()
+
+
+if __name__ == "__main__":
+    main()
