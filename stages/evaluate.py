@@ -35,6 +35,7 @@ Deviations and choices:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -56,6 +57,7 @@ FILTERS = ("strict", "flexible")  # filter names in the task YAML (parse().stric
 TUNED = ("sft", "grpo")
 DELTAS = (("grpo", "base"), ("grpo", "sft"), ("sft", "base"))
 BASE_OUT, TUNED_OUT = "base", "tuned"  # sub-folders of the `eval` path (dvc.yaml outs name them too)
+CORRECTNESS_FILE = "correctness.json"  # per model folder: the eval record and per-question results (the register gate reads it)
 FAILURES_SHOWN = 10
 
 
@@ -269,6 +271,43 @@ def sampled_scores(records: list[dict], k: int, temperature: float) -> dict[str,
     }
 
 
+# --------------------------------------------------------------------------- what was evaluated, how
+def question_id(question: str, gold: str) -> str:
+    """Content id of one eval question (text and gold answer), independent of its row number."""
+    return hashlib.sha256(json.dumps([question, gold], ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def eval_record(records: list[dict], params: Params, fmt: AnswerFormat, backend: str) -> dict[str, Any]:
+    """What two scores must share to be compared (the register gate checks it):
+
+    - eval_set: sha256 over the ordered question ids, n and evaluate.limit;
+    - generation: the decoding of the scored (greedy) pass, the prompt (answer-format tags and
+      system prompt, hashed) and the task; the sampled pass (num_samples, temperature) is
+      recorded too, though only pass@k and maj@k depend on it. The backend is recorded, not
+      compared: both engines decode greedily.
+    """
+    e = params.evaluate
+    ids = [question_id(r["question"], r["gold"]) for r in records]
+    prompt = json.dumps(asdict(fmt), sort_keys=True)
+    return {
+        "eval_set": {"sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "n": len(ids), "limit": e.limit},
+        "generation": {"task": TASK_NAME, "decoding": "greedy", "max_new_tokens": e.max_new_tokens,
+                       "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
+                       "num_samples": e.num_samples,
+                       "sample_temperature": e.sample_temperature if e.num_samples else None,
+                       "backend": backend},
+    }
+
+
+def write_correctness(file: Path, result_scores: dict[str, Any], records: list[dict]) -> None:
+    """The eval record and, per question in eval-set order, whether strict and flexible were right."""
+    questions = [{"id": question_id(r["question"], r["gold"]), "doc_id": r["doc_id"],
+                  "strict": r["strict_correct"], "flexible": r["flexible_correct"]} for r in records]
+    file.write_text(json.dumps({"eval_set": result_scores["eval_set"], "generation": result_scores["generation"],
+                                "strict": result_scores["strict"], "flexible": result_scores["flexible"],
+                                "questions": questions}, indent=1) + "\n")
+
+
 # --------------------------------------------------------------------------- one model
 @dataclass
 class ModelResult:
@@ -301,10 +340,12 @@ def evaluate_model(params: Params, spec: ModelSpec, eval_file: Path, out_dir: Pa
             rec.update({k: srec[k] for k in ("samples", "sample_strict", "pass", "majority", "maj_correct")})
         result_scores["sampled"] = sampled_scores(records, e.num_samples, e.sample_temperature)
     result_scores["seconds"] = round(time.perf_counter() - start, 2)
+    result_scores |= eval_record(records, params, fmt, backend)
     result = ModelResult(spec, backend, why, result_scores, raw, records=records)
     out_dir.mkdir(parents=True, exist_ok=True)
     result.samples_file = out_dir / "samples.jsonl"
     result.samples_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_correctness(out_dir / CORRECTNESS_FILE, result_scores, records)
     result.report_file = out_dir / "report.md"
     result.report_file.write_text(model_report(result, params, fmt))
     return result
@@ -390,7 +431,7 @@ def _entry(result: ModelResult) -> dict[str, Any]:
 
 def run_base(params: Params, base_dir: Path, eval_file: Path, out_dir: Path,
              log_result: LogResult | None = None) -> dict[str, Any]:
-    """Stage evaluate_base: {'base': scores}; writes out_dir/{samples.jsonl, report.md}."""
+    """Stage evaluate_base: {'base': scores}; writes out_dir/{samples.jsonl, report.md, correctness.json}."""
     _fresh(out_dir)
     if "base" not in params.evaluate.models:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -406,7 +447,7 @@ def run(params: Params, base_dir: Path, eval_file: Path, model_dirs: dict[str, P
         out_dir: Path, log_result: LogResult | None = None) -> dict[str, Any]:
     """Stage evaluate: SFT and GRPO scores and the deltas; base_metrics is run_base's output.
 
-    Writes out_dir/<model>/{samples.jsonl, report.md} and out_dir/report.md.
+    Writes out_dir/<model>/{samples.jsonl, report.md, correctness.json} and out_dir/report.md.
     """
     _fresh(out_dir)
     base = base_metrics.get("base", {"evaluated": 0})
@@ -446,7 +487,8 @@ def log_child_run(result: ModelResult, params: Params) -> None:
         mlflow.log_params({
             "model": spec.name, "pretrained": spec.pretrained, "adapter": spec.adapter or "none", "kind": spec.kind,
             "backend": result.backend, "backend_reason": result.backend_reason[:500], "limit": e.limit,
-            "batch_size": e.batch_size, "decoding": decoding, "task": TASK_NAME})
+            "batch_size": e.batch_size, "decoding": decoding, "task": TASK_NAME,
+            "eval_set_sha256": result.scores["eval_set"]["sha256"]})
         tracking.log_metrics(result.raw)
         tracking.log_metrics(result.scores)
         for file in (result.samples_file, result.report_file):
