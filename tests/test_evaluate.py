@@ -306,6 +306,10 @@ def test_stage_writes_scores_samples_and_reports(stage_outputs, tiny_params):
     assert {"question", "gold", "completion", "strict", "flexible", "strict_correct", "flexible_correct",
             "answer_block", "well_formed"} <= set(rows[0])
     assert all(r["completion"] for r in rows)
+    # What the register gate compares: the eval set and, per question, strict correctness.
+    correctness = json.loads((root / "reports" / "tuned" / "grpo" / "correctness.json").read_text())
+    assert correctness["eval_set"] == tuned["grpo"]["eval_set"] and correctness["eval_set"]["n"] == n
+    assert [q["strict"] for q in correctness["questions"]] == [r["strict_correct"] for r in rows]
     report = (root / "reports" / "tuned" / "grpo" / "report.md").read_text()
     assert "| strict |" in report and "strict failures" in report and "adapter" in report
     summary = (root / "reports" / "tuned" / "report.md").read_text()

@@ -32,6 +32,7 @@ from stages.common.params import parse_overrides  # noqa: E402
 from flows.workspace import (LOCK_NAME, WorkspaceBusy, resolve_params, stage_order,  # noqa: E402
                              workspace_lock, write_params)
 from stages.common.params import ROOT, ParamsError, load_params  # noqa: E402
+from tests.conftest import tiny  # noqa: E402
 
 PY = sys.executable
 
@@ -339,7 +340,7 @@ def test_cli_runs_prepare_and_base_model_under_one_parent(tmp_path):
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{mlruns / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("gsm8k-grpo")
+    exp = client.get_experiment_by_name(tiny().project.name)
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("pipeline.parent") == "true"]
     children = [r for r in runs if r is not parent]

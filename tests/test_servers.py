@@ -18,6 +18,7 @@ from typing import Iterator
 import pytest
 import yaml
 
+from tests.conftest import tiny
 from tests.test_flows import copy_repo
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
@@ -153,7 +154,7 @@ def test_team_mode_logs_to_an_mlflow_server(prefect_api, tmp_path):
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
         client = mlflow.MlflowClient(uri)
-        exp = client.get_experiment_by_name("gsm8k-grpo")
+        exp = client.get_experiment_by_name(tiny().project.name)
         runs = client.search_runs([exp.experiment_id])
     assert not (repo / "mlruns").exists()  # nothing went to the local store
     (parent,) = [r for r in runs if r.data.tags.get("pipeline.parent") == "true"]

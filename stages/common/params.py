@@ -15,10 +15,10 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from stages.common.answer_format import AnswerFormat
 
@@ -55,6 +55,8 @@ class AnswerFormatParams(Section):
 class ProjectParams(Section):
     name: str = F("gsm8k-grpo", "Run/model name: MLflow experiment and registered model names derive from it.", min_length=1)
     seed: int = F(3407, "Global seed for data shuffling and model init (Unsloth's notebooks use 3407).")
+    license: str = F("apache-2.0", "License of the trained models, written to their model cards (a Hub license id). Weights derived "
+                     "from a base model are bound by its license: Qwen3 apache-2.0, Llama 3.1 llama3.1.", min_length=1)
     answer_format: AnswerFormatParams = F(AnswerFormatParams(), "Tags of the trained answer format.")
 
 
@@ -313,6 +315,41 @@ class GGUFParams(Section):
 class RegistryParams(Section):
     enabled: bool = F(True, "Register adapter and merged model in the MLflow model registry.")
     min_improvement: float = F(0.0, "A candidate becomes champion only if its GSM8K strict score beats the champion's by at least this (absolute accuracy, 0-1).", ge=0)
+    significance_level: float = F(
+        0.05, "Promotion also needs a gain beyond noise: on the questions where candidate and champion disagree, the one-sided "
+        "p-value of an exact McNemar test (candidate right, champion wrong vs the reverse) must be at most this. 1.0 turns the test off.",
+        gt=0, le=1)
+    on_incomparable: Literal["refuse", "reevaluate"] = F(
+        "refuse", "Candidate and champion evaluated differently (other questions, n, limit, decoding or prompt): refuse to compare "
+        "(the champion stays; the reason is in metrics/register.json), or reevaluate the champion's merged model on the "
+        "candidate's eval set inside the register stage (lm-eval, as the evaluate stage runs it).")
+
+
+HubRepo = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")]
+
+
+class PublishParams(Section):
+    enabled: bool = F(False, "Push the models and their cards to the Hugging Face Hub (stage publish). The token comes from "
+                      "HF_TOKEN in the environment only; without it the stage stops at once.")
+    push: list[Literal["adapter", "merged", "gguf"]] = F(
+        ["adapter", "merged", "gguf"], "What to push, each with its model card: the GRPO adapter (models/grpo; the full model "
+        "when model.lora is off), the merged 16-bit model (models/merged), the GGUF files and Modelfiles (models/gguf).")
+    adapter_repo: HubRepo | None = F(None, "Hub repo id (namespace/name) for the adapter, e.g. alice/gsm8k-grpo-lora.")
+    merged_repo: HubRepo | None = F(None, "Hub repo id for the merged model, e.g. alice/gsm8k-grpo.")
+    gguf_repo: HubRepo | None = F(None, "Hub repo id for the GGUF files, e.g. alice/gsm8k-grpo-GGUF.")
+    private: bool = F(True, "Create missing repos as private (an existing repo keeps its visibility).")
+
+    @model_validator(mode="after")
+    def _repos(self) -> "PublishParams":
+        missing = [kind for kind in self.push if self.enabled and getattr(self, f"{kind}_repo") is None]
+        if missing:
+            raise ValueError(f"publish.enabled is true and push lists {missing}: set "
+                             + ", ".join(f"publish.{kind}_repo" for kind in missing))
+        return self
+
+    def repos(self) -> dict[str, str]:
+        """{kind: repo id} of what is pushed."""
+        return {kind: getattr(self, f"{kind}_repo") for kind in self.push}
 
 
 class FlowParams(Section):
@@ -331,6 +368,7 @@ class Params(Section):
     merge: MergeParams = F(MergeParams(), "Stage merge.")
     gguf: GGUFParams = F(GGUFParams(), "Stage gguf.")
     registry: RegistryParams = F(RegistryParams(), "Stage register: MLflow model registry and promotion gate.")
+    publish: PublishParams = F(PublishParams(), "Stage publish: opt-in push of the models and cards to the Hugging Face Hub.")
     flow: FlowParams = F(FlowParams(), "Prefect orchestration.")
 
     @model_validator(mode="after")
