@@ -1,11 +1,13 @@
 """Credentials come from the environment and go nowhere else.
 
-Fake tokens, unique to this run, are planted in every credential variable the project reads;
-the real flow (`python -m flows.pipeline --preset tiny --stages sft`) then runs prepare,
+Fake tokens, unique to this run, are planted in every credential variable the project reads.
+The real flow (`python -m flows.pipeline --preset tiny --stages sft`) then runs prepare,
 base_model and a short SFT in a copy of the repository, with its own MLflow store and Prefect
 home. Every byte it leaves behind (workspace files and DVC cache, params.yaml, dvc.lock,
 metrics/, models/, data/, the MLflow SQLite DB and artifacts, Prefect's DB and logs) and its
-stdout/stderr are searched for the tokens.
+stdout/stderr are searched for the tokens. The publish stage, which sends HF_TOKEN to the Hub,
+runs against the Hub TEST DOUBLE of tests/hub_double.py (the Hub cannot be reached from here),
+and its workspace, MLflow store and output are searched the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.hub_double import serve
 from tests.test_flows import copy_repo
+from tests.test_publish import PUBLISH, publish_env, run_publish, workspace
 
 SECRET_VARS = ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PREFECT_API_KEY",
                "AWS_SECRET_ACCESS_KEY")
@@ -62,4 +66,22 @@ def test_tokens_from_the_environment_are_written_nowhere(tmp_path):
 
     needle = stem.encode()
     assert needle not in proc.stdout.encode() and needle not in proc.stderr.encode()
+    assert files_containing(tmp_path, needle) == []
+
+
+@pytest.mark.slow
+def test_publish_sends_the_hub_token_to_the_hub_only(tmp_path, base_dir, prepared_dir):
+    stem = f"tok{uuid.uuid4().hex}"
+    planted = {name: f"{stem}-{name.lower()}" for name in SECRET_VARS}
+    root = workspace(tmp_path / "workspace", base_dir, prepared_dir, PUBLISH)
+    with serve(planted["HF_TOKEN"]) as hub:
+        env = {**publish_env(root, hub.url, planted["HF_TOKEN"]), **planted, "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKE"}
+        run = run_publish(root, env, check=True)
+    # Positive controls: the token did reach the Hub, and the stage did write to the stores searched below.
+    assert hub.requests and all(r["authorized"] for r in hub.requests)
+    assert files_containing(root / "mlruns", b"hub.merged"), "no publish run in the MLflow store"
+    assert (root / "metrics" / "publish.json").exists()
+
+    needle = stem.encode()
+    assert needle not in run.stdout.encode() and needle not in run.stderr.encode()
     assert files_containing(tmp_path, needle) == []
