@@ -16,7 +16,9 @@ stage, an accuracy chart drawn here).
 - Body: the recipe (SFT priming, then GRPO) with its hyperparameters, the rewards and their
   weights, the answer format with a real prompt and completion, the curves, how to load the
   model (transformers, peft, llama.cpp, Ollama, MLflow), limitations and the lineage (git
-  commit, the dvc.lock md5 of the folder, a hash of the prepared data, the params digest).
+  commit, the dvc.lock md5 of the folder, a hash of the prepared data, the eval-set hash).
+  No digest of all params: the stage declares only the params it reads, so such a digest
+  could go stale without DVC rerunning it.
 
 Where the numbers come from: metrics/{eval_base,evaluate,sft,grpo,gguf}.json and
 reports/eval/tuned/grpo/samples.jsonl; nothing is measured here. The cards live in their
@@ -258,7 +260,7 @@ def build(kind: str, params: Params, inputs: CardInputs) -> tuple[Any, dict[str,
     from huggingface_hub import ModelCard, ModelCardData
 
     from stages.common.models import base_info, load_tokenizer
-    from stages.register import dvc_lock_md5, params_digest
+    from stages.register import dvc_lock_md5
 
     m, fmt = params.model, AnswerFormat(**params.project.answer_format.model_dump())
     metrics = inputs.metrics_dir
@@ -326,7 +328,6 @@ def build(kind: str, params: Params, inputs: CardInputs) -> tuple[Any, dict[str,
         {"name": f"dvc.lock md5 of `{local}`", "value": f"`{lock_md5}`" if lock_md5 else "not in dvc.lock (stage run outside DVC)"},
         {"name": "prepared data (sha256 of the split files)", "value": f"`{data_hash(inputs.prepared_dir)}`"
                                                                        + (f", dvc.lock md5 `{data_md5}`" if data_md5 else "")},
-        {"name": "params digest (sha256 of params.yaml's values)", "value": f"`{params_digest(params)[:16]}`"},
         {"name": "base model", "value": f"`{m.name_or_path}`" + (f" at revision `{revision}`" if revision else "")},
         {"name": "eval set (sha256 of the question ids)", "value": f"`{eval_set.get('sha256', '-')}`"},
     ]
