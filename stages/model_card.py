@@ -290,8 +290,11 @@ def build(kind: str, params: Params, inputs: CardInputs) -> tuple[Any, dict[str,
     if grpo.get("generation") == "vllm" or generation.get("backend") == "vllm":
         tags.append("vllm")
     tags += {"adapter": ["lora"] if lora else [], "merged": [], "gguf": ["gguf", "llama.cpp", "ollama"]}[kind]
-    relation = {"adapter": "adapter" if lora else "finetune", "merged": "finetune", "gguf": "quantized"}[kind]
-    card_base = params.publish.merged_repo if kind == "gguf" and params.publish.merged_repo else base_id
+    # The GGUF files quantize the merged model: that is their base when it is on the Hub, else
+    # they are (like the merged model) a fine-tune of the original base.
+    quantized = kind == "gguf" and params.publish.merged_repo is not None
+    relation = "quantized" if quantized else "adapter" if kind == "adapter" and lora else "finetune"
+    card_base = params.publish.merged_repo if quantized else base_id
     data = ModelCardData(
         model_name=title, base_model=card_base, base_model_relation=relation if card_base else None,
         datasets=[hub_dataset] if hub_dataset else None, library_name=library, license=params.project.license,

@@ -215,12 +215,14 @@ def test_a_gpu_run_names_its_base_model_and_engines(tmp_path, base_dir, prepared
     model_card.run(params, inputs, tmp_path / "cards")
     merged = ModelCard.load(tmp_path / "cards" / "merged" / CARD_FILE)
     assert merged.data.base_model == "unsloth/Qwen3-1.7B-Base" and merged.data.license == "apache-2.0"
+    assert merged.data.to_dict()["base_model_relation"] == "finetune"
     assert {"unsloth", "vllm"} <= set(merged.data.tags)
     assert 'model_id = "alice/gsm8k-grpo"' in merged.text
     gguf = ModelCard.load(tmp_path / "cards" / "gguf" / CARD_FILE)
     assert gguf.data.base_model == "alice/gsm8k-grpo" and gguf.data.to_dict()["base_model_relation"] == "quantized"
     adapter = ModelCard.load(tmp_path / "cards" / "adapter" / CARD_FILE)
     assert "models/grpo" in adapter.text  # no adapter repo set: the local folder
+    assert (adapter.data.base_model, adapter.data.to_dict()["base_model_relation"]) == ("unsloth/Qwen3-1.7B-Base", "adapter")
 
 
 def test_missing_inputs_are_named(tmp_path, base_dir, prepared_dir):
