@@ -38,6 +38,7 @@ def git_blob_oid(content: bytes) -> str:
 
 @dataclass
 class Repo:
+    repo_id: str
     private: bool
     files: dict[str, bytes] = field(default_factory=dict)
     commits: list[dict[str, Any]] = field(default_factory=list)  # {"oid", "message", "files", "deleted"}
@@ -50,7 +51,7 @@ class Repo:
         self.files.update(files)
         for path in deleted:
             self.files.pop(path, None)
-        oid = hashlib.sha1(json.dumps([len(self.commits), message, sorted(files), deleted]).encode()).hexdigest()
+        oid = hashlib.sha1(json.dumps([self.repo_id, len(self.commits), message, sorted(files), deleted]).encode()).hexdigest()
         self.commits.append({"oid": oid, "message": message, "files": sorted(files), "deleted": deleted})
         return oid
 
@@ -97,7 +98,7 @@ def _handler(hub: HubDouble) -> type[BaseHTTPRequestHandler]:
                 repo_id = f"{request.get('organization') or USER}/{request['name']}"
                 if repo_id in hub.repos:
                     return self._reply(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
-                repo = hub.repos[repo_id] = Repo(private=request.get("visibility") == "private")
+                repo = hub.repos[repo_id] = Repo(repo_id, private=request.get("visibility") == "private")
                 repo.commit("initial commit", {".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"}, [])
                 return self._reply(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
             if path == "/api/validate-yaml":
