@@ -262,7 +262,7 @@ def build(kind: str, params: Params, inputs: CardInputs) -> tuple[Any, dict[str,
     from stages.common.models import base_info, load_tokenizer
     from stages.register import dvc_lock_md5
 
-    m, fmt = params.model, AnswerFormat(**params.project.answer_format.model_dump())
+    m, fmt = params.model, params.project.answer_format.build()
     metrics = inputs.metrics_dir
     evaluation, base_eval = read_metrics(metrics, "evaluate"), read_metrics(metrics, "eval_base")
     sft, grpo, gguf = read_metrics(metrics, "sft"), read_metrics(metrics, "grpo"), read_metrics(metrics, "gguf")

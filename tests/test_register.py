@@ -175,7 +175,7 @@ def plant_evaluation(out: Path, params, eval_file: Path, right: set[int], n: int
                for i, (q, g) in enumerate(zip(split["question"], split["answer"]))]
     strict = len(right) / n
     scores = {"strict": strict, "flexible": strict, "n": n,
-              **evaluate.eval_record(records, params, AnswerFormat(**params.project.answer_format.model_dump()), "hf")}
+              **evaluate.eval_record(records, params, params.project.answer_format.build(), "hf")}
     out.mkdir(parents=True, exist_ok=True)
     evaluate.write_correctness(out / "correctness.json", scores, records)
     (out / "evaluate.json").write_text(json.dumps({"grpo": {"evaluated": 1, **scores}}))
