@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+# The real servers' fixtures (PostgreSQL, S3, team MLflow and Prefect), shared by all test modules.
+pytest_plugins = ("tests.servers",)
+
 # Before any stage module is imported: no hub, no telemetry, a private MLflow store.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

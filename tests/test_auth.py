@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from stages.common import tracking
-from tests.test_tracking_outage import mlflow_server
+from tests.servers import mlflow_server
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 # The basic-auth app needs mlflow's `auth` extra (Flask-WTF, for CSRF); without it the server cannot start.

@@ -5,13 +5,9 @@ deployment served by `python -m flows.deploy`, and team mode, where the pipeline
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -19,60 +15,10 @@ import pytest
 import yaml
 
 from tests.conftest import tiny
+from tests.servers import BIN, QUIET, background, free_port, wait_healthy
 from tests.test_flows import copy_repo
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
-
-BIN = Path(sys.executable).parent
-QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-@contextmanager
-def background(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> Iterator[subprocess.Popen]:
-    """A process for the duration of the block, stopped (TERM, then KILL) however the block ends.
-
-    It gets its own process group, stopped as a whole: `mlflow server` starts job consumers and
-    `flow.serve` starts flow-run processes that would otherwise outlive it.
-    """
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            _signal_group(proc.pid, signal.SIGKILL)  # whatever of the group is left
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass  # the whole group has already exited
 
 
 @pytest.fixture(scope="module")

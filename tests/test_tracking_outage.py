@@ -14,31 +14,14 @@ import subprocess
 import threading
 import time
 import uuid
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from stages.common import tracking
 from tests.conftest import tiny
-from tests.test_servers import BIN, QUIET, background, free_port, wait_healthy
+from tests.servers import free_port, mlflow_server
 
 STEPS = 6
-
-
-@contextmanager
-def mlflow_server(root: Path, port: int | None = None, args: tuple[str, ...] = (),
-                  env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`mlflow server` on loopback with a SQLite store and artifacts in `root`; (URI, process)."""
-    port = port or free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", *args]
-    log = root / f"mlflow-{port}-{time.monotonic_ns()}.log"
-    with background(cmd, log, {**os.environ, **QUIET, **(env or {})}) as proc:
-        wait_healthy(f"http://127.0.0.1:{port}/health", proc, log)
-        yield f"http://127.0.0.1:{port}", proc
 
 
 def kill_after_first_metric(uri: str, run_id: str, server: subprocess.Popen, seen: list[str],
