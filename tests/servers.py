@@ -149,7 +149,7 @@ def mlflow_server(root: Path, port: int | None = None, args: tuple[str, ...] = (
            "--workers", "1", *args]
     log = root / f"mlflow-{port}-{time.monotonic_ns()}.log"
     with background(cmd, log, {**os.environ, **QUIET, **(env or {})}) as proc:
-        wait_healthy(f"http://127.0.0.1:{port}/health", proc, log)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, log, timeout=180)  # minutes on a busy 2-core host
         yield f"http://127.0.0.1:{port}", proc
 
 
@@ -376,9 +376,15 @@ class TeamMlflow:
     logs: Path
 
     def client_env(self) -> dict[str, str]:
-        """All a client machine needs: the server URL and its MLflow user's credentials."""
+        """All a client machine needs: the server URL and its MLflow user's credentials.
+
+        MLflow 3.17 clients download large and small artifacts straight from S3 through presigned
+        URLs when the server's store is S3, so a machine must reach the bucket; `false` keeps every
+        download going through the server. (moto also cannot check presigned URLs with IAM enforced.)
+        """
         return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": TEAM_USER,
-                "MLFLOW_TRACKING_PASSWORD": self.credentials.mlflow_team}
+                "MLFLOW_TRACKING_PASSWORD": self.credentials.mlflow_team,
+                "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
 
 
 def mlflow_team_env(pg: Postgres, s3: S3, creds: Credentials, ini: Path) -> dict[str, str]:
@@ -436,6 +442,21 @@ def team_prefect_server(pg: Postgres, creds: Credentials, logs: Path, database: 
 
 def prefect_client_env(api: str, creds: Credentials) -> dict[str, str]:
     return {"PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": creds.prefect_auth}
+
+
+def prefect_api_call(api: str, creds: Credentials, path: str, body: dict | None = None):
+    """One Prefect REST call (a POST when body is given) with the team's basic auth; the JSON answer."""
+    request = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": basic_auth(*creds.prefect_auth.split(":", 1)),
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def read_flow_run(api: str, creds: Credentials, flow_run_id: str) -> tuple[dict, list[dict]]:
+    """A flow run and its task runs from the Prefect API."""
+    tasks = prefect_api_call(api, creds, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return prefect_api_call(api, creds, f"/flow_runs/{flow_run_id}"), tasks
 
 
 # ------------------------------------------------------------------ session fixtures

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -27,10 +26,9 @@ import yaml
 from stages.common import tracking
 from stages.common.params import load_params
 from tests.conftest import tiny
-from tests.servers import (QUIET, TEAM_USER, background, basic_auth, prefect_client_env, stop_group,
-                           team_mlflow_server, team_prefect_server)
+from tests.servers import (QUIET, TEAM_USER, background, prefect_api_call, prefect_client_env, read_flow_run,
+                           stop_group, team_mlflow_server, team_prefect_server)
 from tests.test_flows import copy_repo
-from tests.test_team_mode import read_flow_run
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
@@ -102,16 +100,12 @@ def test_mlflow_stopped_mid_training_then_replayed(tmp_path, monkeypatch, postgr
 
 def wait_for_task(api: str, creds, flow_log: Path, flow: subprocess.Popen, timeout: float = 300) -> None:
     """Until the flow has a task run RUNNING (a DVC stage is executing)."""
-    auth = basic_auth(*creds.prefect_auth.split(":", 1))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert flow.poll() is None, flow_log.read_text()[-3000:]
-        request = urllib.request.Request(f"{api}/task_runs/filter", headers={"Authorization": auth,
-                                         "Content-Type": "application/json"},
-                                         data=json.dumps({"task_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).encode())
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            if json.loads(resp.read()):
-                return
+        running = {"task_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}
+        if prefect_api_call(api, creds, "/task_runs/filter", running):
+            return
         time.sleep(0.5)
     raise TimeoutError(f"no task running after {timeout} s:\n{flow_log.read_text()[-3000:]}")
 
