@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PRESET ?= tiny
 
-.PHONY: install pipeline repro test test-fast clean-outputs
+.PHONY: install pipeline repro test test-fast ui prefect-ui clean-outputs
 
 install:
 	@bash scripts/install.sh
@@ -22,6 +22,13 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The UIs (flows/ui.py): each prints its URL and runs in the foreground; PORT=... picks another port.
+ui: install
+	$(PY) -m flows.ui mlflow $(if $(PORT),--port $(PORT))
+
+prefect-ui: install
+	$(PY) -m flows.ui prefect $(if $(PORT),--port $(PORT))
 
 clean-outputs:
 	rm -rf data/prepared models checkpoints reports metrics plots mlruns

@@ -3,10 +3,20 @@
     python -m flows.pipeline                              # params.yaml as it is
     python -m flows.pipeline --preset tiny --set grpo.beta=0.04 --experiment my-exp
     python -m flows.pipeline --stages base_model          # base_model and what it depends on
+    python -m flows.pipeline --verbose                    # every stage's output on the console too
 
 Each task runs `dvc repro --single-item <stage>` in a subprocess with the venv's DVC, so DVC
-decides what is up to date, dvc.lock stays the record, and the stage's output lands in the
-Prefect log. The order is read from dvc.yaml at run time, never listed here.
+decides what is up to date and dvc.lock stays the record. The order is read from dvc.yaml at run
+time, never listed here.
+
+- Console (flows/console.py): one line per stage as it starts and ends (result, time, key
+  figure), a live progress bar while it runs, a summary table at the end; a failure prints the
+  stage, its error, its log file and, for the errors newcomers meet first, a one-line fix
+  (flows/hints.py). Each stage's whole output goes to reports/pipeline/logs/<stage>.log (the
+  `run_report` path in dvc.yaml) and to the Prefect run log; `--verbose` also streams it.
+- Report (flows/report.py): reports/pipeline/report.html (self-contained) and report.md, written
+  at the end of every run, failed ones included; attached with the stage logs to the MLflow
+  parent run and, as markdown, to the Prefect flow run; its path is printed at the end.
 
 - Params: a preset and `--set key.path=value` overrides are validated by the project loader
   before anything runs (a bad one fails the flow at once with the loader's message), then
@@ -19,17 +29,17 @@ Prefect log. The order is read from dvc.yaml at run time, never listed here.
   here touches checkpoints/grpo (a persistent DVC out), so a retried grpo stage resumes.
 - One run per workspace: the whole run holds <root>/.pipeline.lock; a second run waits up to
   `lock_timeout` seconds, then fails naming the lock.
-- Artifacts: a markdown summary (scores, registry decision, MLflow link, GGUF files) and a table
-  of GSM8K scores, also when a stage failed.
+- Artifacts: a markdown summary (scores, registry decision, MLflow link, GGUF files), a table
+  of GSM8K scores and the run report, also when a stage failed.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,20 +47,30 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
-from flows import summary
+from flows import report, summary
+from flows.console import CONSOLE, StageLog, error_of
+from flows.hints import fix_for
 from flows.workspace import (declared_path, resolve_params, stage_order, workspace_lock,
                              WorkspaceBusy, write_params)
 from stages.common import tracking
-from stages.common.params import ROOT, Params, ParamsError, parse_overrides
+from stages.common.params import ROOT, Params, ParamsError, check_runtime, parse_overrides
 
-TAIL_LINES = 30  # lines of a failed stage's output quoted in the error
-
+UI_URL = "http://127.0.0.1:5000"  # `make ui` (flows/ui.py) serves the local store here
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; the message quotes the end of its output."""
+    """A DVC stage exited non-zero; the message quotes the end of its output.
+
+    stage, error (its exception line, flows.console.error_of), log_file and seconds are kept for
+    the console's three-line failure report.
+    """
+
+    def __init__(self, message: str, stage: str = "", error: str = "", log_file: Path | None = None,
+                 seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.stage, self.error, self.log_file, self.seconds = stage, error or message, log_file, seconds
 
 
 # ------------------------------------------------------------------ one stage
@@ -65,31 +85,58 @@ def _result(line: str, current: str) -> str:
     return current
 
 
+def log_dir(root: Path) -> Path:
+    """Where this run's stage logs go (beside the run report)."""
+    return declared_path(root, "run_report") / "logs"
+
+
 @task(task_run_name="dvc repro {stage}", cache_policy=NO_CACHE)  # DVC, not Prefect, decides what is up to date
 def run_stage(root: str, stage: str, env: dict[str, str]) -> dict[str, Any]:
-    """`dvc repro --single-item <stage>`: the flow walks the DAG itself, so each stage is checked once."""
+    """`dvc repro --single-item <stage>`: the flow walks the DAG itself, so each stage is checked once.
+
+    The stage's whole output goes to its log file; ordinary lines also go to the Prefect run log
+    (on the console only with --verbose), progress-bar redraws only to the console's live bar.
+    """
     logger = get_run_logger()
     venv_bin = str(Path(sys.executable).parent)  # the stage cmds say `python`: make it this venv's
     full_env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
-    full_env.setdefault("TQDM_MININTERVAL", "10")  # progress bars: a log line every 10 s, not every step
+    # Progress bars: a redraw every second feeds the live bar; with --verbose a log line every 10 s, not every step.
+    full_env.setdefault("TQDM_MININTERVAL", "10" if CONSOLE.verbose else "1")
     full_env.update(env)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    log_file = log_dir(Path(root)) / f"{stage.replace(':', '_').replace('/', '_')}.log"
     result, start = "ran", time.perf_counter()
-    with subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
+    with CONSOLE.stage(stage, log_file, attempt=task_run.run_count or 1) as log, \
+            subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, bufsize=1) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.rstrip()
-            if line:
+            if line and (log.feed(line) or CONSOLE.verbose):
                 logger.info(line)
-                tail.append(line)
                 result = _result(line, result)
     seconds = round(time.perf_counter() - start, 2)
     if proc.returncode:
-        raise StageFailed(f"stage {stage} failed (`dvc repro` exited {proc.returncode}); last output:\n" + "\n".join(tail))
+        CONSOLE.stage_done(stage, "failed", seconds)
+        raise _failure(stage, proc.returncode, log, seconds)
+    figure = summary.key_figure(stage, declared_path(Path(root), "metrics"))
+    CONSOLE.stage_done(stage, result, seconds, figure)
     logger.info(f"stage {stage}: {result} ({seconds} s)")
-    return {"stage": stage, "result": result, "seconds": seconds}
+    return {"stage": stage, "result": result, "seconds": seconds, "figure": figure, "log": _shown(log_file, root)}
+
+
+def _failure(stage: str, returncode: int, log: StageLog, seconds: float) -> StageFailed:
+    tail = list(log.tail)
+    return StageFailed(f"stage {stage} failed (`dvc repro` exited {returncode}); last output:\n" + "\n".join(tail),
+                       stage=stage, error=error_of(tail), log_file=log.file, seconds=seconds)
+
+
+def _shown(path: Path, root: str | Path) -> str:
+    """A path as the user reads it: relative to the repository root when inside it."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 # ------------------------------------------------------------------ MLflow parent
@@ -104,7 +151,13 @@ class ParentRun:
         uri = tracking.redact(tracking.tracking_uri())
         if uri.startswith(("http://", "https://")):
             return f"[{self.run_id}]({uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id})"
-        return f"`{self.run_id}` in `{uri}` (browse: `mlflow ui --backend-store-uri {uri}`)"
+        return f"`{self.run_id}` in `{uri}` (browse: `make ui`, then {self.url()})"
+
+    def url(self) -> str:
+        """Where the run is in the MLflow UI: the tracking server's, or `make ui`'s on the local store."""
+        uri = tracking.redact(tracking.tracking_uri())
+        ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
+        return f"{ui}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def env(self) -> dict[str, str]:
         """What a stage subprocess needs to log into this run's store and experiment, as its child."""
@@ -141,35 +194,88 @@ def flow_tags() -> dict[str, str]:
             "prefect.flow_name": str(flow_run.flow_name)}
 
 
-def publish(root: Path, title: str, status: str, mlflow_link: str, stages: list[dict[str, Any]], note: str = "") -> None:
-    """The run's markdown summary and score table as Prefect artifacts."""
+def publish(root: Path, title: str, status: str, mlflow_link: str, stages: list[dict[str, Any]], note: str = "",
+            report_files: report.ReportFiles | None = None) -> None:
+    """The run's markdown summary, score table and report as Prefect artifacts."""
     metrics_dir, gguf_dir = declared_path(root, "metrics"), declared_path(root, "gguf")
     text = summary.markdown(title=title, status=status, metrics_dir=metrics_dir, gguf_dir=gguf_dir,
                             mlflow_link=mlflow_link, stages=stages, note=note)
     create_markdown_artifact(text, key="pipeline-summary", description=f"{title}: {status}")
     create_table_artifact(summary.table_rows(metrics_dir), key="gsm8k-scores", description="GSM8K accuracy (0-1)")
+    if report_files is not None:
+        create_markdown_artifact(report.prefect_markdown(report_files.markdown.read_text(), report_files.html),
+                                 key="run-report", description=f"run report: {report_files.html}")
+
+
+# ------------------------------------------------------------------ the end of a run
+def write_report(root: Path, parent: ParentRun, title: str, status: str, results: list[dict[str, Any]],
+                 note: str) -> report.ReportFiles | None:
+    """The run report, attached to the MLflow parent run with the stage logs; None if it could not be written."""
+    import mlflow
+
+    run = report.Run(title=title, status=status, stages=results, mlflow_run_id=parent.run_id,
+                     mlflow_experiment_id=parent.experiment_id, mlflow_link=parent.link,
+                     prefect_flow_run=str(flow_run.name or ""), note=note)
+    try:
+        files = report.build(root, run)
+    except Exception as err:  # noqa: BLE001 - the report must never cost a run its result; say why it is missing
+        get_run_logger().warning(f"the run report was not written: {type(err).__name__}: {err}")
+        CONSOLE.print(f"[yellow]warning[/]: the run report was not written: {type(err).__name__}: {err}")
+        return None
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    with tracking.tolerate_outage("the run report and stage logs were not attached to the MLflow parent run"):
+        client.log_artifact(parent.run_id, str(files.html), "report")
+        client.log_artifact(parent.run_id, str(files.markdown), "report")
+        for image in files.images:
+            client.log_artifact(parent.run_id, str(image), "report/img")
+        logs = log_dir(root)
+        if logs.is_dir():
+            client.log_artifacts(parent.run_id, str(logs), "logs")
+    return files
+
+
+def finish(root: Path, parent: ParentRun, title: str, results: list[dict[str, Any]], note: str = "",
+           failed: BaseException | None = None) -> None:
+    """What every run ends with, failed or not: the report, the parent run closed, the Prefect
+    artifacts, the console's summary (and the failure: stage, error, log, fix)."""
+    metrics_dir, gguf_dir = declared_path(root, "metrics"), declared_path(root, "gguf")
+    status = f"failed at {results[-1]['stage']}" if failed else "finished"
+    files = write_report(root, parent, title, status, results, note)
+    close_parent(parent, "FAILED" if failed else "FINISHED", metrics_dir)
+    publish(root, title, status, parent.link, results, note=f"```\n{failed}\n```" if failed else note,
+            report_files=files)
+    paths = {"report": _shown(files.html, root) if files else "not written (see the warning above)",
+             "GGUF": ", ".join(_shown(gguf_dir / name, root) for name, _ in summary.gguf_files(gguf_dir)) or "none yet",
+             "MLflow": f"run {parent.run_id} (experiment {parent.experiment!r}): {parent.url()}"}
+    CONSOLE.summary(results, summary.accuracy(metrics_dir), summary.decision(metrics_dir), paths)
+    if isinstance(failed, StageFailed):
+        CONSOLE.failure(failed.stage, failed.error, failed.log_file, fix_for(failed.error + "\n" + str(failed), root))
 
 
 # ------------------------------------------------------------------ the run
 def run_stages(root: Path, order: list[str], params: Params, parent: ParentRun, title: str,
                note: str = "") -> list[dict[str, Any]]:
-    """Run the stages in order under one MLflow parent; close it and publish the summary either way."""
+    """Run the stages in order under one MLflow parent; close it, report and summarise either way."""
     logger = get_run_logger()
     retries = params.flow.retries
     stage_task = run_stage.with_options(
         retries=retries, retry_delay_seconds=exponential_backoff(params.flow.retry_delay_seconds) if retries else 0)
     results: list[dict[str, Any]] = []
     logger.info(f"stages: {' -> '.join(order)}; MLflow parent run {parent.run_id} in experiment {parent.experiment!r}")
+    logs = log_dir(root)
+    shutil.rmtree(logs, ignore_errors=True)  # this run's logs only
+    CONSOLE.plan(order, logs)
     for stage in order:
         try:
             results.append(stage_task(str(root), stage, parent.env()))
         except BaseException as err:
-            results.append({"stage": stage, "result": "failed", "seconds": None})
-            close_parent(parent, "FAILED", declared_path(root, "metrics"))
-            publish(root, title, f"failed at {stage}", parent.link, results, note=f"```\n{err}\n```")
+            failed = err if isinstance(err, StageFailed) else None
+            results.append({"stage": stage, "result": "failed", "seconds": failed.seconds if failed else None,
+                            "figure": (failed.error.splitlines() or [""])[0] if failed else type(err).__name__,
+                            "log": _shown(failed.log_file, root) if failed and failed.log_file else ""})
+            finish(root, parent, title, results, failed=err)
             raise
-    close_parent(parent, "FINISHED", declared_path(root, "metrics"))
-    publish(root, title, "finished", parent.link, results, note=note)
+    finish(root, parent, title, results, note=note)
     return results
 
 
@@ -205,16 +311,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages and their upstream stages")
     parser.add_argument("--lock-timeout", type=float, default=600.0,
                         help="seconds to wait while another run holds this workspace (default 600)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="stream every stage's output and Prefect's log to the console (it always goes to the "
+                             "stage's log file)")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.overrides)
-        resolve_params(ROOT, args.preset, overrides)  # fail in a second, before Prefect starts a server
+        # Fail in seconds, before Prefect starts a server: bad params, GPU-only settings without a GPU.
+        check_runtime(resolve_params(ROOT, args.preset, overrides))
     except ParamsError as err:
-        raise SystemExit(f"error: {err}") from None
+        fix = fix_for(str(err), ROOT)
+        raise SystemExit(f"error: {err}" + (f"\n  fix: {fix}" if fix else "")) from None
+    CONSOLE.set_verbose(args.verbose)
     try:
         pipeline(preset=args.preset, overrides=overrides or None, experiment=args.experiment, stages=args.stages,
                  lock_timeout=args.lock_timeout)
-    except (StageFailed, WorkspaceBusy) as err:
+    except StageFailed:
+        raise SystemExit(1) from None  # the console has printed the stage, its error, its log and a fix
+    except WorkspaceBusy as err:
         raise SystemExit(f"error: {err}") from None
 
 

@@ -97,3 +97,135 @@ def markdown(*, title: str, status: str, metrics_dir: Path, gguf_dir: Path, mlfl
     files = gguf_files(gguf_dir)
     out += [f"- `{name}` ({size:.1f} MiB)" for name, size in files] if files else [NA]
     return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ accuracy with intervals
+def wilson(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (sound at 0 and 1, unlike accuracy ± 1.96 stderr)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _pct_ci(value: float | None, n: int | None) -> tuple[str, tuple[float, float] | None]:
+    if value is None:
+        return NA, None
+    if not n:
+        return f"{100 * value:.1f}%", None
+    low, high = wilson(round(value * n), n)
+    return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]", (low, high)
+
+
+def accuracy(metrics_dir: Path) -> list[dict[str, Any]]:
+    """scores() with the number of questions and 95% Wilson intervals: {'model', 'strict', 'flexible', 'n',
+    'strict_ci', 'flexible_ci', 'strict_text', 'flexible_text'}."""
+    base_file = read_json(metrics_dir / "eval_base.json") or {}
+    evaluate = read_json(metrics_dir / "evaluate.json") or {}
+    rows = []
+    for row in scores(metrics_dir):
+        section = evaluate.get(row["model"])
+        if row["model"] == "base" and base_file:
+            section = base_file.get("base", base_file)
+        n = section.get("n") if isinstance(section, dict) else None
+        n = int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 else None
+        out = {**row, "n": n}
+        for kind in ("strict", "flexible"):
+            out[f"{kind}_text"], out[f"{kind}_ci"] = _pct_ci(row[kind], n)
+        rows.append(out)
+    return rows
+
+
+# ------------------------------------------------------------------ one figure per stage
+def _mb(size: Any) -> str:
+    return f"{size / 1e6:.1f} MB" if isinstance(size, (int, float)) else "?"
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
+def _evaluated(section: Any) -> str:
+    if not isinstance(section, dict) or not section.get("evaluated"):
+        return "not evaluated"
+    return f"strict {100 * section['strict']:.1f}%" if isinstance(section.get("strict"), (int, float)) else "?"
+
+
+def _figure_prepare(m: dict) -> str:
+    return f"{m.get('rows_grpo', '?')} GRPO / {m.get('rows_sft', '?')} SFT / {m.get('rows_eval', '?')} eval rows"
+
+
+def _figure_base_model(m: dict) -> str:
+    if m.get("kind") == "tiny":
+        return f"tiny model, {m.get('parameters', 0) / 1e6:.1f}M parameters"
+    return f"{m.get('model', '?')}" + (f"@{m['revision'][:12]}" if m.get("revision") else "")
+
+
+def _figure_sft(m: dict) -> str:
+    if m.get("skipped"):
+        return "skipped (sft.enabled false)"
+    return f"{m.get('steps', '?')} steps, final loss {_num(m.get('final_loss'))}"
+
+
+def _figure_grpo(m: dict) -> str:
+    return (f"{m.get('steps', '?')} steps, mean reward {_num(m.get('reward_first'))} → {_num(m.get('reward_final'))}"
+            + (f" (resumed from {m['resumed_from_checkpoint']})" if m.get("resumed_from_checkpoint") else ""))
+
+
+def _figure_evaluate_base(m: dict) -> str:
+    return f"base {_evaluated(m.get('base'))}"
+
+
+def _figure_evaluate(m: dict) -> str:
+    return f"SFT {_evaluated(m.get('sft'))}, GRPO {_evaluated(m.get('grpo'))}"
+
+
+def _figure_merge(m: dict) -> str:
+    check = m.get("check") or {}
+    return f"check {'passed' if check.get('passed') else 'FAILED'}, {_mb(m.get('bytes'))}"
+
+
+def _figure_gguf(m: dict) -> str:
+    files = m.get("files") or {}
+    return ", ".join(f"{kind} {_mb(f.get('bytes'))}" for kind, f in files.items())
+
+
+def _figure_register(m: dict) -> str:
+    if not m.get("enabled", True):
+        return "skipped (registry.enabled false)"
+    versions = m.get("models") or {}
+    version = next(iter(versions.values()), "?")
+    return f"v{version} {'promoted to champion' if m.get('promoted') else 'kept as candidate'}"
+
+
+FIGURES = {"prepare": ("prepare", _figure_prepare), "base_model": ("base_model", _figure_base_model),
+           "sft": ("sft", _figure_sft), "grpo": ("grpo", _figure_grpo),
+           "evaluate_base": ("eval_base", _figure_evaluate_base), "evaluate": ("evaluate", _figure_evaluate),
+           "merge": ("merge", _figure_merge), "gguf": ("gguf", _figure_gguf), "register": ("register", _figure_register)}
+
+
+def key_figure(stage: str, metrics_dir: Path) -> str:
+    """The stage's key figure (rows, loss, reward, accuracy, sizes, decision) from its metrics
+    file; "" for a stage without one or whose file is missing or not in the expected shape."""
+    if stage not in FIGURES:
+        return ""
+    file, figure = FIGURES[stage]
+    metrics = read_json(metrics_dir / f"{file}.json")
+    if metrics is None:
+        return ""
+    try:
+        return figure(metrics)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ""
+
+
+def decision(metrics_dir: Path) -> str:
+    """The registry decision and its reason in one line ("" when register has not run)."""
+    m = read_json(metrics_dir / "register.json")
+    if m is None:
+        return ""
+    if not m.get("enabled", True):
+        return f"skipped: {m.get('reason', 'registry disabled')}"
+    verdict = "promoted to champion" if m.get("promoted") else f"kept champion v{m.get('champion_version') or '-'}"
+    versions = ", ".join(f"{name} v{v}" for name, v in (m.get("models") or {}).items())
+    return f"{versions}: {verdict} ({m.get('reason', 'no reason recorded')})"

@@ -57,7 +57,8 @@ STEP = textwrap.dedent('''
         with open("train.log", "a") as f:
             f.write(f"{steps}\\n")
 ''')
-VARS = {"paths": {"metrics": "metrics", "gguf": "models/gguf", "grpo_checkpoints": "checkpoints/grpo"}}
+VARS = {"paths": {"metrics": "metrics", "gguf": "models/gguf", "grpo_checkpoints": "checkpoints/grpo", "plots": "plots",
+                  "run_report": "reports/pipeline"}}
 
 
 def make_dvc_repo(root: Path, stages: dict, params: dict | None = None) -> Path:
@@ -235,8 +236,17 @@ def test_failing_stage_fails_the_flow_and_marks_the_parent_failed(harness, tmp_p
     assert parent.data.tags["pipeline.launcher"] == "prefect"
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
 
-    report = artifacts_of(state.state_details.flow_run_id)["pipeline-summary"]
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    report = artifacts["pipeline-summary"]
     assert "failed at boom" in report and "| make_a | ran |" in report and parent.info.run_id in report
+    # The run report and each stage's whole log, on disk, in MLflow and in Prefect, failed run included.
+    log = (repo / "reports/pipeline/logs/boom.log").read_text()
+    assert log.count("boom: the stage broke on purpose") == 2  # both attempts
+    assert raised.stage == "boom" and raised.log_file == repo / "reports/pipeline/logs/boom.log"
+    assert "# GSM8K pipeline: failed at boom" in (repo / "reports/pipeline/report.md").read_text()
+    assert "| boom | failed |" in artifacts["run-report"]
+    logged = {a.path for path in ("report", "logs") for a in client.list_artifacts(parent.info.run_id, path)}
+    assert {"report/report.html", "report/report.md", "logs/make_a.log", "logs/boom.log"} <= logged
 
 
 def test_successful_run_records_stage_results_and_a_finished_parent(harness, tmp_path, experiment):
