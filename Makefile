@@ -2,6 +2,9 @@
 # `make test` runs the test suite. Both install what they need into .venv first (idempotent).
 PY := .venv/bin/python
 PRESET ?= tiny
+# Test processes (pytest-xdist): 2 fits the 2-core machines; `make test TEST_WORKERS=0` runs in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install pipeline repro test test-fast ui prefect-ui clean-outputs
 
@@ -18,10 +21,10 @@ repro: install
 	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc repro
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The UIs (flows/ui.py): each prints its URL and runs in the foreground; PORT=... picks another port.
 ui: install

@@ -11,5 +11,8 @@ for _key, _value in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1",  # Prefect's client telemetry (and its notice on an interactive console)
+    # MLflow's artifact up/download bars would break through the quiet console (flows/console.py).
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }.items():
     os.environ.setdefault(_key, _value)

@@ -235,7 +235,7 @@ def _bar_follower(progress: Progress, label: str):
     def on_bar(bar: Bar) -> None:
         if (bar.desc, bar.total) != (current.get("desc"), current.get("total")):
             current.update(desc=bar.desc, total=bar.total)
-            progress.reset(task_id, total=bar.total, description=f"{label} {escape(bar.desc)}".rstrip())
+            progress.reset(task_id, total=bar.total, description=f"{label} {escape(bar.desc)}" if bar.desc else label)
         progress.update(task_id, completed=bar.n)
 
     return on_bar

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from stages.common.paths import declared_paths, dvc_spec
+
 TINY = "run the CPU profile instead: `make pipeline` (preset tiny)"
 
 
@@ -72,10 +74,9 @@ def _missing_input(text: str, root: Path) -> str | None:
 def _stage_making(root: Path, relative: Path) -> str | None:
     """The dvc.yaml stage whose outs hold `relative` (paths from its `vars: - paths:` block resolved)."""
     try:
-        spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        spec, paths = dvc_spec(root), declared_paths(root)
+    except (OSError, KeyError, yaml.YAMLError):
         return None
-    paths = next((v["paths"] for v in spec.get("vars", []) if isinstance(v, dict) and "paths" in v), {})
     for name, stage in (spec.get("stages") or {}).items():
         for out in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
             declared = next(iter(out)) if isinstance(out, dict) else str(out)

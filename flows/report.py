@@ -165,10 +165,9 @@ def _figure(path: Path, draw) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
     draw(ax)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -207,7 +206,7 @@ def curve_figure(frame, title: str, ylabel: str, lines: dict[str, Any], out: Pat
                     label=label, linewidth=2 if label == "reward" else 1.4)
         ax.set(title=title, xlabel="GRPO step", ylabel=ylabel)
         if len(lines) > 1:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
     return _figure(out, draw)
 
@@ -228,6 +227,20 @@ def _number(value: Any, fmt: str = ".3f") -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return "n/a"
     return format(value, fmt)
+
+
+def _headline(rows: list[dict[str, Any]], metrics_dir: Path) -> list[str]:
+    """The run in one line: accuracies, the registry's verdict, the exported files."""
+    parts = [f"{r['model'].upper() if r['model'] != 'base' else 'base'} {100 * r['strict']:.1f}%"
+             for r in reversed(rows) if r["strict"] is not None]
+    out = [f"GSM8K strict: {', '.join(parts)}"] if parts else []
+    register = summary.read_json(metrics_dir / "register.json")
+    if register is not None and register.get("enabled", True):
+        out.append("registry: " + ("promoted to champion" if register.get("promoted") else "champion kept"))
+    files = (summary.read_json(metrics_dir / "gguf.json") or {}).get("files") or {}
+    if files:
+        out.append(f"GGUF: {', '.join(files)}")
+    return [f"**{' · '.join(out)}**", ""] if out else []
 
 
 def _stages_section(run: Run) -> list[str]:
@@ -298,11 +311,11 @@ def _registry_section(metrics_dir: Path) -> list[str]:
         return out + ["The register stage has not run in this workspace.", ""]
     out.append(f"**{summary.decision(metrics_dir)}**")
     if m.get("enabled", True):
-        out += ["", "| | |", "|---|---|",
-                f"| candidate strict / flexible | {_number(m.get('candidate_strict'))} / {_number(m.get('candidate_flexible'))} |",
-                f"| champion before | {_cell(m.get('champion_version_before') or 'none')} "
-                f"(strict {_number(m.get('champion_strict_before'))}) |",
-                f"| champion now | {_cell(m.get('champion_version') or 'none')} |"]
+        out += ["", f"- candidate GSM8K strict / flexible: {_number(m.get('candidate_strict'))} / "
+                    f"{_number(m.get('candidate_flexible'))}",
+                f"- champion before: {m.get('champion_version_before') or 'none'} "
+                f"(strict {_number(m.get('champion_strict_before'))})",
+                f"- champion now: {m.get('champion_version') or 'none'}"]
     return out + [""]
 
 
@@ -353,6 +366,7 @@ def build(root: Path, run: Run, out_dir: Path | None = None) -> ReportFiles:
     lines = [f"# {run.title}: {run.status}", "",
              f"Generated {when}. MLflow parent run: {run.mlflow_link or 'n/a'}"
              + (f"; Prefect flow run `{run.prefect_flow_run}`" if run.prefect_flow_run else "") + ".", ""]
+    lines += _headline(rows, metrics_dir)
     if run.note:
         lines += [run.note, ""]
     lines += _stages_section(run)
@@ -399,11 +413,32 @@ def prefect_markdown(markdown: str, html_file: Path) -> str:
     return re.sub(r"!\[([^\]]*)\]\([^)]*\)", lambda m: f"*({m.group(1)}: figure in `{html_file}`)*", markdown)
 
 
-def main() -> None:
-    from stages.common.params import ROOT
+def latest_parent(experiment: str):
+    """The latest pipeline parent run of an experiment (None when there is none)."""
+    import mlflow
 
-    files = build(ROOT, Run(title="GSM8K pipeline (rebuilt from the workspace)", status="as on disk"))
-    print(files.html)
+    from stages.common import tracking
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], "tags.`pipeline.parent` = 'true'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def main() -> None:
+    """Rebuild the report from the workspace and its latest pipeline run in MLflow (no stage table:
+    that is what the run itself knew)."""
+    from stages.common.params import ROOT, load_params
+
+    parent = latest_parent(load_params().project.name)
+    run = Run(title="GSM8K pipeline (rebuilt from the workspace)", status="as on disk")
+    if parent is not None:
+        run.mlflow_run_id, run.mlflow_experiment_id = parent.info.run_id, parent.info.experiment_id
+        run.mlflow_link = f"`{parent.info.run_id}`"
+    print(build(ROOT, run).html)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
 Session-scoped fixtures build the tiny data and model once (a few seconds) in a temporary
 folder; tests never write into the project's own data/, models/ or mlruns/.
+
+Under pytest-xdist (`make test` runs `-n 2`) every worker is its own process with its own
+MLflow store (the path carries its pid), Prefect home and session fixtures: workers share no
+state. Each worker's torch gets its share of the cores, so two workers do not each start a
+thread per core.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # read by torch at import and inherited by the stage subprocesses tests start
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PIPELINE_PARENT_RUN_ID", None)
 _MLRUNS = Path(os.environ.setdefault("PIPELINE_MLRUNS_DIR", f"/tmp/gsm8k-grpo-tests-{os.getpid()}/mlruns"))

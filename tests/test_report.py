@@ -17,13 +17,10 @@ from pathlib import Path
 import pytest
 
 from flows import report
+from flows.browser import CHROMIUM
 from flows.report import CURVES, Run, build
 from stages.common.params import ROOT
 
-CHROMIUM = Path("/usr/bin/chromium")
-# The flags that work on these machines (no background networking: the sandbox refuses it).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 REWARDS = ["format_exact", "answer_check", "tag_count"]
 
 
@@ -53,7 +50,7 @@ def write_metrics(metrics: Path) -> None:
 
 def write_history(plots: Path, steps: int = 6) -> Path:
     """plots/grpo_rewards.csv as the grpo stage writes it, from a TRL-shaped log history."""
-    from stages.grpo import write_curves
+    from stages.common.monitoring import write_curves
 
     history = []
     for step in range(1, steps + 1):
@@ -166,41 +163,25 @@ def test_prefect_copy_points_at_the_html_instead_of_local_images(workspace):
 
 # ------------------------------------------------------------------ a real browser
 def open_in_chromium(page_file: Path, screenshot: Path | None = None) -> dict:
-    """Load a file in headless Chromium; every request it makes is recorded, any that is not the
-    file itself or a data: URI is blocked before it leaves the browser."""
-    from playwright.sync_api import sync_playwright
+    """Load a file in headless Chromium (flows.browser): what it requested, what it was refused
+    (anything not on this machine), how its images loaded."""
+    from flows import browser
 
-    requested, blocked = [], []
-
-    def route(r):
-        url = r.request.url
-        if url == page_file.as_uri() or url.startswith("data:"):
-            r.continue_()
-        else:
-            blocked.append(url)
-            r.abort()
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("request", lambda r: requested.append(r.url))
-            page.route("**/*", route)
-            page.goto(page_file.as_uri(), wait_until="load")
-            images = page.evaluate("Array.from(document.images).map(i => ({ok: i.complete && i.naturalWidth > 0, "
-                                   "alt: i.alt, width: i.naturalWidth}))")
-            headings = page.locator("h2").all_inner_texts()
-            if screenshot:
-                page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
-    return {"requested": requested, "blocked": blocked, "images": images, "headings": headings}
+    with browser.page() as (tab, traffic):
+        tab.goto(page_file.as_uri(), wait_until="load")
+        images = tab.evaluate("Array.from(document.images).map(i => ({ok: i.complete && i.naturalWidth > 0, "
+                              "alt: i.alt, width: i.naturalWidth}))")
+        headings = tab.locator("h2").all_inner_texts()
+        if screenshot:
+            tab.screenshot(path=str(screenshot), full_page=True)
+    return {"requested": traffic.requested, "blocked": traffic.blocked, "images": images, "headings": headings}
 
 
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"),
                                     reason="Debian's chromium is not installed (apt-get install chromium); CI installs it")
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_report_renders_offline_in_chromium_with_every_image(workspace, tmp_path):
     root, run, _, _ = workspace
@@ -209,11 +190,12 @@ def test_report_renders_offline_in_chromium_with_every_image(workspace, tmp_path
     assert seen["headings"][:3] == ["Stages", "GSM8K accuracy: base, SFT, GRPO", "GRPO training curves"]
     assert len(seen["images"]) == len(files.images) >= 4
     assert all(image["ok"] for image in seen["images"]), seen["images"]
-    assert seen["blocked"] == [] and set(seen["requested"]) <= {files.html.as_uri()} | {
-        u for u in seen["requested"] if u.startswith("data:")}
+    assert seen["blocked"] == []
+    assert [u for u in seen["requested"] if not u.startswith("data:")] == [files.html.as_uri()]
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_the_browser_check_catches_an_external_image(workspace, tmp_path):
     """The same check on a page that does load something from outside: it must see it."""
