@@ -150,10 +150,14 @@ class PipelineConsole:
 
     def set_verbose(self, verbose: bool) -> None:
         """Verbose: Prefect's console logging shows every stage line (as before). Quiet: Prefect's
-        console handlers show nothing; its records still reach the Prefect API (the UI's logs)."""
+        console handlers show nothing (its records still reach the Prefect API: the UI's logs), and
+        MLflow's INFO messages in this process (store creation) are dropped."""
         from prefect.logging.handlers import PrefectConsoleHandler
 
+        import mlflow  # noqa: F401 - configures its loggers on import; quieted below, after that
+
         self.verbose = verbose
+        logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
         for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("uvicorn", "fastapi"))):
             for handler in logger.handlers:
                 if isinstance(handler, PrefectConsoleHandler):

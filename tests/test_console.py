@@ -190,3 +190,36 @@ def test_a_port_in_use_gets_a_one_line_fix():
                               f"stop it, or pick another port: `make ui PORT={port + 1}`")
     assert out.returncode == 1 and out.stderr.strip() == f"error: {err.value}"
     check_port("127.0.0.1", port, "mlflow")  # free again: no error
+
+
+@pytest.mark.slow
+@pytest.mark.servers
+@pytest.mark.parametrize("ui, health", [("mlflow", "/health"), ("prefect", "/api/health")])
+def test_make_ui_prints_its_url_and_serves_it(ui, health, tmp_path):
+    """`python -m flows.ui <ui>` (what `make ui` / `make prefect-ui` run) on a free loopback port."""
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PIPELINE_MLRUNS_DIR": str(tmp_path / "mlruns"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.Popen([PY, "-m", "flows.ui", ui, "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith(f"{'MLflow' if ui == 'mlflow' else 'Prefect'} UI: http://127.0.0.1:{port}")
+        deadline, status = time.monotonic() + 300, None
+        while time.monotonic() < deadline and status != 200:
+            assert proc.poll() is None, f"{ui} exited with {proc.returncode}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{health}", timeout=5) as response:
+                    status = response.status
+            except OSError:
+                time.sleep(1)
+        assert status == 200
+        if ui == "mlflow":
+            assert (tmp_path / "mlruns/mlflow.db").exists()  # the project's store, not ./mlflow.db
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -4,10 +4,10 @@ Fake tokens, unique to this run, are planted in every credential variable the pr
 The real flow (`python -m flows.pipeline --preset tiny --stages sft`) then runs prepare,
 base_model and a short SFT in a copy of the repository, with its own MLflow store and Prefect
 home. Every byte it leaves behind (workspace files and DVC cache, params.yaml, dvc.lock,
-metrics/, models/, data/, the MLflow SQLite DB and artifacts, Prefect's DB and logs) and its
-stdout/stderr are searched for the tokens. The publish stage, which sends HF_TOKEN to the Hub,
-runs against the Hub TEST DOUBLE of tests/hub_double.py (the Hub cannot be reached from here),
-and its workspace, MLflow store and output are searched the same way.
+metrics/, models/, data/, the stage logs and run report, the MLflow SQLite DB and artifacts,
+Prefect's DB and logs) and its stdout/stderr are searched for the tokens. The publish stage, which
+sends HF_TOKEN to the Hub, runs against the Hub TEST DOUBLE of tests/hub_double.py (the Hub cannot
+be reached from here), and its workspace, MLflow store and output are searched the same way.
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def test_tokens_from_the_environment_are_written_nowhere(tmp_path):
     # Positive controls: the search below does reach the stage logs in Prefect and the params in MLflow.
     assert files_containing(prefect_home, b"Running stage 'sft'"), "no stage log in Prefect's store"
     assert files_containing(mlruns, b"sft.max_steps"), "no logged params in the MLflow store"
+    assert files_containing(repo / "reports" / "pipeline", b"Running stage 'sft'"), "no stage log file or report"
 
     needle = stem.encode()
     assert needle not in proc.stdout.encode() and needle not in proc.stderr.encode()
