@@ -33,17 +33,22 @@ def _no_gpu(text: str, root: Path) -> str | None:
     return None
 
 
-# What huggingface_hub and transformers say when the hub cannot be reached (or is switched off).
+# What huggingface_hub, transformers and datasets say when the hub cannot be reached (or is switched off).
 _HUB = re.compile(r"HF_HUB_OFFLINE=1|OfflineModeIsEnabled|outgoing traffic has been disabled|LocalEntryNotFoundError|"
                   r"couldn't connect to 'https://huggingface\.co'|Max retries exceeded with url: /api/models|"
-                  r"Failed to resolve 'huggingface\.co'|cannot find the requested files in the (local )?cache")
+                  r"Failed to resolve 'huggingface\.co'|cannot find the requested files in the (local )?cache|"
+                  r"Couldn't reach '[^']+' on the Hub")
+_DATASET = re.compile(r"Couldn't reach '[^']+' on the Hub|load_dataset|prepare\.hub_id")
 
 
 def _hub_unreachable(text: str, root: Path) -> str | None:
-    if _HUB.search(text):
-        return ("the Hugging Face Hub cannot be reached from here: set model.name_or_path to a model folder on disk "
-                f"(`--set model.name_or_path=/path/to/model`), or {TINY}")
-    return None
+    if not _HUB.search(text):
+        return None
+    if _DATASET.search(text):
+        return ("the Hugging Face Hub cannot be reached from here: use local data (`--set prepare.source=file` with "
+                f"prepare.train_file and prepare.test_file, or prepare.source=gsm8k: the copy shipped in data/gsm8k), or {TINY}")
+    return ("the Hugging Face Hub cannot be reached from here: set model.name_or_path to a model folder on disk "
+            f"(`--set model.name_or_path=/path/to/model`), or {TINY}")
 
 
 def _tracking_server(text: str, root: Path) -> str | None:

@@ -79,7 +79,7 @@ def compare_picture(experiment: str, out: Path, height: int) -> None:
         server.wait(timeout=30)
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:

@@ -223,3 +223,33 @@ def test_make_ui_prints_its_url_and_serves_it(ui, health, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_cli_failure_prints_stage_error_log_and_fix_not_a_traceback(tmp_path):
+    """The real flow in a copy of the repository, its prepare stage pointed at a hub dataset with the
+    hub switched off: the console says which stage, what error, where the log is, and the fix."""
+    from tests.test_flows import copy_repo
+
+    repo = copy_repo(tmp_path / "repo")
+    env = {**os.environ, "PIPELINE_MLRUNS_DIR": str(tmp_path / "mlruns"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([PY, "-m", "flows.pipeline", "--stages", "prepare", "--set", "flow.retries=0",
+                          "--set", "prepare.source=hub", "--set", "prepare.hub_id=openai/gsm8k",
+                          "--set", "prepare.hub_config=main"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("pipeline: prepare  (stage logs: reports/pipeline/logs)")
+    assert lines[1].startswith("▶ prepare") and lines[2].startswith("✗ prepare") and "failed" in lines[2]
+    tail = out.stdout[out.stdout.index("error: stage prepare failed"):].splitlines()
+    assert tail[0] == "error: stage prepare failed: ConnectionError: Couldn't reach 'openai/gsm8k' on the Hub " \
+                      "(OfflineModeIsEnabled)"
+    assert tail[1:] == ["  log: reports/pipeline/logs/prepare.log",
+                        "  fix: the Hugging Face Hub cannot be reached from here: use local data (`--set "
+                        "prepare.source=file` with prepare.train_file and prepare.test_file, or prepare.source=gsm8k: "
+                        "the copy shipped in data/gsm8k), or run the CPU profile instead: `make pipeline` (preset tiny)"]
+    assert "OfflineModeIsEnabled" in (repo / "reports/pipeline/logs/prepare.log").read_text()
+    assert "# GSM8K pipeline: failed at prepare" in (repo / "reports/pipeline/report.md").read_text()
+    assert "report: reports/pipeline/report.html" in out.stdout
