@@ -314,8 +314,12 @@ def _registry_section(metrics_dir: Path) -> list[str]:
         out += ["", f"- candidate GSM8K strict / flexible: {_number(m.get('candidate_strict'))} / "
                     f"{_number(m.get('candidate_flexible'))}",
                 f"- champion before: {m.get('champion_version_before') or 'none'} "
-                f"(strict {_number(m.get('champion_strict_before'))})",
+                f"(strict {_number(m.get('champion_strict_compared', m.get('champion_strict_before')))})",
                 f"- champion now: {m.get('champion_version') or 'none'}"]
+        test = m.get("paired_test")
+        if isinstance(test, dict):
+            out.append(f"- paired test ({test.get('test', '?')}): {test.get('wins', '?')} questions only the candidate "
+                       f"got right, {test.get('losses', '?')} only the champion, p = {_number(test.get('p_value'), '.4f')}")
     return out + [""]
 
 
