@@ -330,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None  # the console has printed the stage, its error, its log and a fix
     except WorkspaceBusy as err:
         raise SystemExit(f"error: {err}") from None
+    except RuntimeError as err:
+        if "ephemeral Prefect API server" not in str(err):
+            raise
+        raise SystemExit(  # Prefect's temporary server: slow to start on a busy machine
+            f"error: {err}\n  fix: give it longer (`export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=300`), or "
+            "start a server once (`make prefect-ui`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`") from None
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_hub_unreachable_gets_a_local_folder_or_the_tiny_profile(monkeypatch):
 def test_gpu_only_settings_without_a_gpu_fail_before_the_flow_starts(tmp_path):
     """The CLI checks the params against this machine (no CUDA here) before Prefect starts a server."""
     out = subprocess.run([PY, "-m", "flows.pipeline", "--preset", "tiny", "--set", "model.backend=unsloth"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
     assert out.returncode == 1
     assert out.stdout == "" and "Traceback" not in out.stderr
