@@ -33,12 +33,12 @@ from typing import Any
 
 from stages.common import checkpoints, models, tracking
 from stages.common.params import Params, check_runtime, load_params
-from stages.common.paths import path, write_metrics
+from stages.common.paths import PATHS, path, write_metrics
 
 # Keys that may change between a checkpoint and its resume (a longer budget, other logging).
 RESUMABLE_KEYS = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "log_completions_every",
                   "monitor_kl_every", "vllm_server_host", "vllm_server_port", "vllm_server_base_url",
-                  "vllm_server_timeout", "vllm_enable_sleep_mode"}
+                  "vllm_server_timeout", "vllm_enable_sleep_mode", "continue_on_new_prompts"}
 
 
 # ------------------------------------------------------------------ data
@@ -59,6 +59,19 @@ def load_prompts(file: Path, tokenizer, max_prompt_length: int):
     if len(kept) == 0:
         raise ValueError(f"all {len(data)} prompts are longer than grpo.max_prompt_length={max_prompt_length} tokens")
     return kept.remove_columns(["prompt_tokens"]), len(data) - len(kept), kept["prompt_tokens"]
+
+
+def unseen_first(data, trained: set[str], seed: int):
+    """The prompts reordered for continuous training: those not in `trained` (content hashes)
+    first, then the rest, each part shuffled with the seed. (order, how many are unseen)."""
+    import random
+
+    rng = random.Random(seed)
+    fresh, old = [], []
+    for i, prompt in enumerate(data["prompt"]):
+        (old if checkpoints.prompt_hash(prompt) in trained else fresh).append(i)
+    rng.shuffle(fresh), rng.shuffle(old)
+    return data.select(fresh + old), len(fresh)
 
 
 # ------------------------------------------------------------------ checks before anything is touched
@@ -104,7 +117,10 @@ def preflight(params: Params):
 
 
 # ------------------------------------------------------------------ config
-def grpo_config(params: Params, backend: str, generation: str, ckpt_dir: Path, reward_weights: list[float]):
+def grpo_config(params: Params, backend: str, generation: str, ckpt_dir: Path, reward_weights: list[float],
+                in_given_order: bool = False):
+    """in_given_order: train on the prompts in the dataset's order (no shuffle), and on a resume do not
+    skip the batches the checkpoint had consumed (continuous training ordered them already)."""
     from trl import GRPOConfig
 
     from stages.common.training import precision_flags
@@ -116,6 +132,8 @@ def grpo_config(params: Params, backend: str, generation: str, ckpt_dir: Path, r
                   vllm_max_model_length=g.vllm_max_model_length or g.max_prompt_length + g.max_completion_length)
     if backend == "unsloth":
         kwargs["vllm_enable_sleep_mode"] = False  # Unsloth's Standby instead (set before its import)
+    if in_given_order:
+        kwargs.update(shuffle_dataset=False, ignore_data_skip=True)
     return GRPOConfig(output_dir=str(ckpt_dir), report_to="none", reward_weights=reward_weights,
                       save_strategy="steps", use_cpu=not models.has_cuda(), **kwargs, **precision_flags(m.dtype))
 
@@ -133,9 +151,11 @@ def import_backend(backend: str, generation: str, standby: bool) -> None:
 
 # ------------------------------------------------------------------ the stage
 def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_dir: Path, ckpt_dir: Path,
-        plots_dir: Path, resume_from: str | None = None, callbacks: list | tuple = ()) -> dict[str, Any]:
+        plots_dir: Path, resume_from: str | None = None, callbacks: list | tuple = (),
+        new_prompts: bool = False) -> dict[str, Any]:
     """Train and save; returns the metrics. resume_from: a checkpoint folder to continue from.
-    callbacks: extra TrainerCallbacks (benchmark timers), run after the stage's own."""
+    callbacks: extra TrainerCallbacks (benchmark timers), run after the stage's own.
+    new_prompts: resume_from was trained on other prompts (continuous training): unseen ones go first."""
     g, m = params.grpo, params.model
     reward_funcs, weights = preflight(params)
     (backend, backend_why), (generation, generation_why) = engines(params)
@@ -144,7 +164,7 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
                              "generation_reason": generation_why})
     import_backend(backend, generation, g.vllm_enable_sleep_mode)
     from stages.common import monitoring
-    from stages.common.training import MlflowMetricsCallback, completions_per_step, load_for_training
+    from stages.common.training import ContinueSchedule, MlflowMetricsCallback, completions_per_step, load_for_training
 
     # ---- model: continue from the SFT adapter (or full model) when there is one
     init = sft_dir if sft_dir and ((sft_dir / "adapter_config.json").exists() or (sft_dir / "config.json").exists()) else None
@@ -153,6 +173,11 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
 
     # ---- data and rewards
     data, dropped, prompt_lengths = load_prompts(prompts_file, tokenizer, g.max_prompt_length)
+    trained = checkpoints.consumed(resume_from)
+    unseen = None
+    if new_prompts:
+        data, unseen = unseen_first(data, trained, g.seed)
+        print(f"grpo: continuing on new prompts: {unseen} of {len(data)} not trained on yet go first")
     recorder = monitoring.SampleRecorder()
     reward_funcs = [recorder.wrap(f) for f in reward_funcs]
     reward_names = [f.__name__ for f in reward_funcs]
@@ -160,19 +185,21 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     # ---- trainer
     from trl import GRPOTrainer
 
-    config = grpo_config(params, backend, generation, ckpt_dir, weights)
+    config = grpo_config(params, backend, generation, ckpt_dir, weights, in_given_order=new_prompts)
     reference = monitoring.frozen_reference(model) if g.beta == 0 and g.monitor_kl else None
     monitor = monitoring.MonitorCallback(recorder, params.project.answer_format.build(), monitor_kl=g.beta == 0 and g.monitor_kl,
                                          kl_every=g.monitor_kl_every, completions_every=g.log_completions_every,
                                          reference=reference)
     metrics_cb = MlflowMetricsCallback(completions_per_step=completions_per_step(g), drop_kl=g.beta == 0)
     trainer_cls = GRPOTrainer
-    if g.group_prompts_by_length:
+    if g.group_prompts_by_length and not new_prompts:  # unseen-first order wins over length groups
         from stages.common.length_groups import length_grouped_trainer
 
         trainer_cls = length_grouped_trainer(GRPOTrainer, prompt_lengths)
     trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=config, train_dataset=data,
-                          processing_class=tokenizer, callbacks=[monitor, metrics_cb, *callbacks])
+                          processing_class=tokenizer, callbacks=[ContinueSchedule(), monitor, metrics_cb,
+                                                                 monitoring.ConsumedPromptsCallback(recorder, trained),
+                                                                 *callbacks])
 
     # ---- train
     start = time.perf_counter()
@@ -192,6 +219,7 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
         "generation_reason": generation_why, "steps": result.global_step,
         "resumed_from_checkpoint": Path(resume_from).name if resume_from else None,
         "prompts": len(data), "prompts_dropped_too_long": dropped, "seconds": round(seconds, 2),
+        **({"prompts_not_trained_before": unseen} if unseen is not None else {}),
         **monitoring.summarize(metrics_cb.history, reward_names), **metrics_cb.peak,
     }
 
@@ -202,8 +230,12 @@ def train(params: Params) -> dict:
 
     preflight(params)  # a bad reward name or a missing server costs nothing already computed
     ckpt_dir, plots_dir = path("grpo_checkpoints"), path("plots")
-    current = checkpoints.lineage("grpo", params, RESUMABLE_KEYS)
-    last, state = checkpoints.resume_point(ckpt_dir, current, say=lambda text: print(f"grpo: {text}"))
+    prompts_file = path("prepared") / "grpo.parquet"
+    prompts_dep = f"{PATHS['prepared']}/grpo.parquet"  # as dvc.yaml names the dep
+    current = checkpoints.lineage("grpo", params, RESUMABLE_KEYS, may_change=(prompts_dep,))
+    last, state = checkpoints.resume_point(ckpt_dir, current, say=lambda text: print(f"grpo: {text}"),
+                                           allow_changed=params.grpo.continue_on_new_prompts)
+    new_prompts = bool(last) and state.get("inputs") != current["inputs"]
     links = {}
     if last:
         print(f"grpo: resuming from {last}")
@@ -212,8 +244,8 @@ def train(params: Params) -> dict:
         if last and state.get("mlflow_run_id"):
             tracking.mark_killed(state["mlflow_run_id"], f"resumed by run {active.info.run_id}")
         checkpoints.save_state(ckpt_dir, current, active.info.run_id)
-        metrics = run(params, path("prepared") / "grpo.parquet", path("base_model"), path("sft"), path("grpo"),
-                      ckpt_dir, plots_dir, resume_from=last)
+        metrics = run(params, prompts_file, path("base_model"), path("sft"), path("grpo"), ckpt_dir, plots_dir,
+                      resume_from=last, new_prompts=new_prompts)
         metrics["lineage"] = current
         tracking.log_metrics(metrics, prefix="final/")
         with tracking.tolerate_outage("the reward curves were not logged; they are in plots/"):

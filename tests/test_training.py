@@ -172,7 +172,9 @@ def test_grpo_killed_mid_run_resumes_and_ends_where_an_uninterrupted_run_ends(tm
     assert metrics["resumed_from_checkpoint"] in {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
     assert metrics["steps"] == 8
 
-    client = mlflow.MlflowClient()
+    from stages.common import tracking
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())  # the store the stage processes logged to
     resumed_run = json.loads((killed / "checkpoints" / "grpo" / "run_state.json").read_text())["mlflow_run_id"]
     assert resumed_run != first_run
     tags = client.get_run(resumed_run).data.tags
@@ -233,3 +235,44 @@ def test_unsloth_vllm_with_truncated_sampling_falls_back_to_trl_loudly(monkeypat
                    "grpo": {"min_p": None, "vllm_mode": "server"}})
     with pytest.raises(ValueError, match="vllm_mode: server needs model.backend: trl"):
         grpo.engines(server)
+
+
+@pytest.mark.slow
+def test_continuous_training_takes_new_prompts_first_and_continues_the_lr_schedule(tmp_path, prepared_dir, base_dir,
+                                                                                   mlruns_dir):
+    """grpo.continue_on_new_prompts: 2 steps on 8 prompts, then 8 more prompts arrive and the budget
+    grows to 4 steps. The rerun resumes at checkpoint-2 (not fresh), steps 3-4 train only on prompts
+    not trained before, and the linear schedule continues over the 4-step horizon: steps 3 and 4
+    train at lr0 x 2/4 and 1/4 (TRL logs the rate a step used; a restart would give lr0 and 3/4,
+    the checkpoint's optimizer left alone 0.0 for step 3)."""
+    import pandas as pd
+
+    from stages.common import checkpoints
+    from stages.preset import render
+
+    grpo = {**KILL_RUN["grpo"], "max_steps": 2, "continue_on_new_prompts": True, "lr_scheduler_type": "linear",
+            "learning_rate": 1e-3}
+    work = _workspace(tmp_path, prepared_dir, base_dir, {**KILL_RUN, "grpo": grpo})
+    data_file = work / "data" / "prepared" / "grpo.parquet"
+    rows = pd.read_parquet(data_file)
+    rows.head(8).to_parquet(data_file)
+    first = _run_stage(work, mlruns_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = work / "checkpoints" / "grpo"
+    trained_before = checkpoints.consumed(ckpt / "checkpoint-2")
+    assert len(trained_before) == 4, "2 steps x 2 prompts (8 completions, 4 per prompt)"
+
+    rows.head(16).to_parquet(data_file)  # 8 new prompts
+    (work / "params.yaml").write_text(render(tiny({**KILL_RUN, "grpo": {**grpo, "max_steps": 4}})))
+    second = _run_stage(work, mlruns_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads((work / "metrics" / "grpo.json").read_text())
+    assert metrics["resumed_from_checkpoint"] == "checkpoint-2" and metrics["steps"] == 4
+    assert metrics["prompts_not_trained_before"] == 12
+    later = checkpoints.consumed(ckpt / "checkpoint-4") - trained_before
+    assert len(later) == 4 and not later & trained_before
+
+    curve = {int(r.split(",")[0]): r.split(",") for r in (work / "plots" / "grpo_rewards.csv").read_text().splitlines()[1:]}
+    header = (work / "plots" / "grpo_rewards.csv").read_text().splitlines()[0].split(",")
+    used = [float(curve[step][header.index("learning_rate")]) for step in (3, 4)]
+    assert used == pytest.approx([1e-3 * 2 / 4, 1e-3 / 4], rel=1e-3), f"learning rates of steps 3 and 4: {used}"

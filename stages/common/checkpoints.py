@@ -11,6 +11,10 @@ change between a checkpoint and its resume (a longer step budget, other logging)
   one before it is used.
 - Other lineage: the old checkpoints are moved aside, whole, to `<dir>.stale/<time>-<digest>/`
   with a note saying why; never deleted. Training starts fresh.
+- Continuous training (grpo.continue_on_new_prompts) may resume across a change of the prompts
+  alone: the digest it compares then leaves that dep out (`digest_fixed`), and the stage records,
+  by content hash, which prompts each checkpoint has trained on (CONSUMED, inside the checkpoint),
+  so new prompts come first.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Any
 from stages.common.params import Params
 
 RUN_STATE = "run_state.json"
+CONSUMED = "consumed_prompts.json"  # in each checkpoint folder: hashes of the prompts trained on so far
 STALE_NOTE = "WHY_SET_ASIDE.txt"
 log = logging.getLogger(__name__)
 
@@ -42,16 +47,21 @@ def params_for(stage_params: list[str], params: Params, resumable: set[str]) -> 
     return out
 
 
-def lineage(stage: str, params: Params, resumable: set[str]) -> dict[str, str]:
-    """{'inputs': content digest of the stage's deps, 'params': digest of its params, 'digest': both}."""
+def lineage(stage: str, params: Params, resumable: set[str], may_change: tuple[str, ...] = ()) -> dict[str, str]:
+    """{'inputs': content digest of the stage's deps, 'params': digest of its params, 'digest': both,
+    'digest_fixed': the same without the deps in `may_change` (a resume may allow those to differ)}."""
     from stages.common.paths import stage_spec
     from stages.common.tracking import inputs_digest
 
     declared = [p if isinstance(p, str) else next(iter(p)) for p in stage_spec(stage).get("params", [])]
     blob = json.dumps(params_for(declared, params, resumable), sort_keys=True, default=str)
-    inputs, params_hash = inputs_digest(stage), hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return {"inputs": inputs, "params": params_hash,
-            "digest": hashlib.sha256(f"{inputs}:{params_hash}".encode()).hexdigest()[:16]}
+    params_hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    inputs, fixed = inputs_digest(stage), inputs_digest(stage, exclude=may_change)
+
+    def both(a: str) -> str:
+        return hashlib.sha256(f"{a}:{params_hash}".encode()).hexdigest()[:16]
+
+    return {"inputs": inputs, "params": params_hash, "digest": both(inputs), "digest_fixed": both(fixed)}
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -94,13 +104,16 @@ def set_aside(ckpt_dir: Path, reason: str) -> Path | None:
     return target
 
 
-def resume_point(ckpt_dir: Path, current: dict[str, str], say=print) -> tuple[str | None, dict[str, Any]]:
+def resume_point(ckpt_dir: Path, current: dict[str, str], say=print,
+                 allow_changed: bool = False) -> tuple[str | None, dict[str, Any]]:
     """(checkpoint to resume from or None, the saved run state). Prepares ckpt_dir for the run:
-    checkpoints of another lineage are set aside, incomplete ones newer than the resume point removed."""
+    checkpoints of another lineage are set aside, incomplete ones newer than the resume point removed.
+    allow_changed: the lineage may differ in the deps lineage() was told `may_change` (continuous training)."""
     state_file = ckpt_dir / RUN_STATE
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     found = sorted(ckpt_dir.glob("checkpoint-*"), key=_step) if ckpt_dir.exists() else []
-    if found and state.get("digest") != current["digest"]:
+    key = "digest_fixed" if allow_changed else "digest"
+    if found and state.get(key) != current[key]:
         changed = [k for k in ("inputs", "params") if state.get(k) != current[k]] or ["run state missing"]
         reason = (f"{ckpt_dir} was made from other inputs ({' and '.join(changed)} changed: "
                   f"{state.get('digest')} -> {current['digest']}); starting fresh")
@@ -126,3 +139,14 @@ def resume_point(ckpt_dir: Path, current: dict[str, str], say=print) -> tuple[st
 
 def save_state(ckpt_dir: Path, current: dict[str, str], run_id: str) -> None:
     (ckpt_dir / RUN_STATE).write_text(json.dumps({**current, "mlflow_run_id": run_id}) + "\n")
+
+
+def prompt_hash(prompt: Any) -> str:
+    """Content hash of one prompt (chat messages or text), the identity continuous training tracks."""
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def consumed(checkpoint: str | Path | None) -> set[str]:
+    """The prompt hashes a checkpoint had trained on (empty for none, or one saved without the record)."""
+    file = Path(checkpoint) / CONSUMED if checkpoint else None
+    return set(json.loads(file.read_text())) if file and file.exists() else set()

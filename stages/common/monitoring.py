@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from stages.common import tracking
+from stages.common import checkpoints, tracking
 from stages.common.answer_format import AnswerFormat, completion_text, parse
 
 CURVE_COLUMNS = ["step", "reward", "reward_std", "frac_reward_zero_std", "kl", "kl_monitor", "entropy",
@@ -161,6 +162,26 @@ class MonitorCallback(TrainerCallback):
                 rows[f"reward/{name}"].append(batch["scores"][name][i])
         with tracking.tolerate_outage(f"the completions table of step {step} was not logged"):
             mlflow.log_table(rows, artifact_file=f"completions/step_{step:05d}.json")
+
+
+class ConsumedPromptsCallback(TrainerCallback):
+    """Writes, into every checkpoint, the content hashes of the prompts trained on so far (what
+    continuous training puts last when new prompts arrive). Fed from the recorder's batches."""
+
+    def __init__(self, recorder: SampleRecorder, already: set[str]):
+        self.recorder, self.seen = recorder, set(already)
+        self._batch = None
+
+    def on_step_end(self, args, state, control, **kw):
+        batch = self.recorder.batch
+        if batch and batch.get("completions") is not self._batch:
+            self._batch = batch.get("completions")
+            self.seen.update(checkpoints.prompt_hash(p) for p in batch["prompts"])
+
+    def on_save(self, args, state, control, **kw):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / checkpoints.CONSUMED).write_text(json.dumps(sorted(self.seen)) + "\n")
 
 
 # ------------------------------------------------------------------ curves and summary

@@ -252,6 +252,11 @@ class GRPOParams(Section):
     max_steps: int = F(100, "Optimizer steps (seeds: 100 for a demo, more for real runs); -1 = use epochs.", ge=-1)
     num_train_epochs: float = F(1.0, "Epochs over the prompts when max_steps is -1.", gt=0)
     save_steps: int = F(50, "Checkpoint every N steps; the stage resumes from the last one if killed.", ge=1)
+    continue_on_new_prompts: bool = F(
+        False, "Continuous training (flows/continuous.py turns it on): when only the GRPO prompts changed since the "
+        "checkpoints were made (same base model, SFT output, code and other params), resume on the new prompts instead "
+        "of starting fresh; prompts not yet trained on come first (tracked by content hash in each checkpoint) and "
+        "the learning-rate schedule continues over the longer step budget. Off: any input change starts fresh.")
     logging_steps: int = F(1, "Log metrics every N steps.", ge=1)
     log_completions_every: int = F(10, "Log a table of sample completions every N steps (0 = never).", ge=0)
     seed: int = F(3407, "Training seed (data order, sampling).")

@@ -121,10 +121,11 @@ def stage_deps(stage: str) -> list[str]:
     return stage_spec(stage, ROOT)["deps"]
 
 
-def inputs_digest(stage: str) -> str:
-    """sha256 over the contents of a stage's declared deps (what DVC would hash), short form."""
+def inputs_digest(stage: str, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over the contents of a stage's declared deps (what DVC would hash), short form;
+    deps named in `exclude` are left out."""
     h = hashlib.sha256()
-    for dep in sorted(stage_deps(stage)):
+    for dep in sorted(d for d in stage_deps(stage) if d not in exclude):
         p = WORKSPACE / dep if (WORKSPACE / dep).exists() else ROOT / dep
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.exists() else [])
         for f in files:

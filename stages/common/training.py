@@ -114,6 +114,22 @@ def memory_metrics() -> dict[str, float]:
     return {"memory/rss_gib": psutil.Process(os.getpid()).memory_info().rss / gib}
 
 
+class ContinueSchedule(TrainerCallback):
+    """On a resume, the first step's learning rate comes from the schedule on the current step budget.
+
+    The checkpoint's optimizer still holds the rate its own schedule had reached: with a longer budget
+    (continuous training: max_steps 100 -> 120) that is 0.0 at the end of a linear decay, so the first
+    resumed step would train at rate 0 before the scheduler, rebuilt on the new horizon, takes over."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+        if state.global_step == 0 or optimizer is None or not hasattr(schedule, "lr_lambdas"):
+            return
+        for group, base, fn in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["lr"] = base * fn(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 class MlflowMetricsCallback(TrainerCallback):
     """Logs every trainer log to the active MLflow run, with memory and throughput added;
     stops with a clear error on a NaN/inf loss (before the bad step is checkpointed).

@@ -22,6 +22,7 @@ GRPO_PROJECT_ONLY = {
     "monitor_kl_every": "stages/common/monitoring.py",
     "log_completions_every": "stages/common/monitoring.py",
     "seed": "seed and data_seed (see CONVERTED)",
+    "continue_on_new_prompts": "the grpo stage's resume (stages/common/checkpoints.py)",
 }
 SFT_PROJECT_ONLY = {
     "enabled": "the sft stage writes skipped.json instead of training",
