@@ -146,6 +146,13 @@ def test_parse_reads_the_answer_from_the_last_block():
     assert not p.well_formed
 
 
+def test_parse_reads_the_last_well_formed_block_after_an_unclosed_one():
+    # Issue 13: the non-greedy match used to span both opening tags and read "20</think><SOLUTION>2".
+    p = parse("<think>so<SOLUTION>20</think><SOLUTION>2</SOLUTION>")
+    assert p.strict == "2" and p.answer_blocks == ("2",)
+    assert not p.well_formed
+
+
 def test_parse_with_answer_tags_inside_the_reasoning():
     p = parse("<think>maybe <SOLUTION>5</SOLUTION> no</think><SOLUTION>7</SOLUTION>")
     assert p.strict == "7" and p.answer_blocks == ("5", "7")
@@ -231,6 +238,16 @@ def test_parse_never_raises_and_fields_agree(text):
 
 
 _plain = st.text(st.characters(blacklist_characters="<>", blacklist_categories=("Cs",)), max_size=80)
+
+
+@given(prefix=st.one_of(st.text(), st.lists(st.sampled_from(_PIECES), max_size=12).map("".join)),
+       n=st.integers(-10**9, 10**9), tail=st.sampled_from(["", " ", "\n"]))
+@example(prefix="<think>so<SOLUTION>20</think>", n=2, tail="").via("an unclosed block before the last one")
+@example(prefix="<SOLUTION><SOLUTION>", n=7, tail="\n").via("two unclosed opening tags")
+def test_the_last_well_formed_block_is_the_answer_whatever_comes_before(prefix, n, tail):
+    p = parse(f"{prefix}{F.solution_start}{n}{F.solution_end}{tail}")
+    assert p.strict == str(n) and p.answer_blocks[-1] == str(n)
+    assert not p.text_after_final
 
 
 @given(reasoning=_plain, n=st.integers(-10**9, 10**9), inside=st.booleans())

@@ -152,9 +152,13 @@ def completion_text(completion: object) -> str:
 
 
 def parse(completion: object, fmt: AnswerFormat = DEFAULT_FORMAT) -> Parsed:
-    """Parse a completion. The answer is only ever read from the last answer block."""
+    """Parse a completion. The answer is only ever read from the last well-formed answer block:
+    an opening tag, text without another opening tag, a closing tag."""
     text = completion_text(completion)
-    sol = re.compile(re.escape(fmt.solution_start) + r"(.*?)" + re.escape(fmt.solution_end), re.S)
+    # A block's content never holds another opening tag: in `<S>20</think><S>2</S>` the block is `2`,
+    # so an unclosed opening tag before the last block cannot swallow it.
+    start = re.escape(fmt.solution_start)
+    sol = re.compile(start + r"((?:(?!" + start + r").)*?)" + re.escape(fmt.solution_end), re.S)
     blocks = tuple(m.group(1) for m in sol.finditer(text))
     # The reasoning block may open in the prompt, so its start tag is optional.
     head = text.split(fmt.solution_start, 1)[0]
