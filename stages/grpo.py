@@ -108,7 +108,8 @@ def preflight(params: Params):
     g = params.grpo
     (backend, _), (generation, _) = engines(params)
     rewards = build_reward_funcs(g.rewards, params.project.answer_format.build(), g.on_reward_error,
-                                 max_completion_length=g.max_completion_length)
+                                 max_completion_length=g.max_completion_length,
+                                 max_error_fraction=g.max_reward_error_fraction)
     if generation == "vllm" and g.vllm_mode == "server":
         from stages.common.vllm_server import check_health
 

@@ -330,6 +330,31 @@ def test_zero_logs_and_scores_only_the_bad_sample(caplog):
     assert "returned nan" in records[1].getMessage()
 
 
+def test_zero_counts_errors_per_reward_through_log_metric():
+    """TRL passes `log_metric` to every reward; each batch's failed share goes there per reward."""
+    (raising, nan), _ = build_reward_funcs([RewardSpec(name="tests.test_rewards:raising_reward"),
+                                            RewardSpec(name="tests.test_rewards:nan_reward")], FMT, "zero")
+    logged = []
+
+    def log_metric(name, value):
+        logged.append((name, value))
+
+    raising(prompts=["q"] * 4, completions=["ok", "boom", "ok", "boom"], log_metric=log_metric)
+    nan(prompts=["q"] * 4, completions=["ok", "ok", "ok", "ok"], log_metric=log_metric)
+    assert logged == [("reward_errors/raising_reward", 0.5), ("reward_errors/nan_reward", 0.0)]
+
+
+def test_zero_stops_the_run_above_the_error_fraction():
+    (func,), _ = build_reward_funcs([RewardSpec(name="tests.test_rewards:raising_reward")], FMT, "zero",
+                                    max_error_fraction=0.2)
+    assert func(prompts=["q"] * 10, completions=["boom"] + ["ok"] * 9) == [0.0] + [1.0] * 9  # 1 of 10
+    assert func(prompts=["q"] * 10, completions=["boom"] + ["ok"] * 9) == [0.0] + [1.0] * 9  # 2 of 20
+    assert func(prompts=["q"] * 10, completions=["boom"] * 3 + ["ok"] * 7)[:4] == [0.0] * 3 + [1.0]  # 5 of 30
+    with pytest.raises(RewardError, match=r"'raising_reward' failed on 9 of the 40 samples it scored \(22.5%\), "
+                                          r"more than grpo.max_reward_error_fraction \(0.2\)"):
+        func(prompts=["q"] * 10, completions=["boom"] * 4 + ["ok"] * 6)
+
+
 def test_batch_only_failure_is_not_hidden(caplog):
     with pytest.raises(RewardError, match="every sample scored alone without error"):
         reward("tests.test_rewards:batch_only_failure")(prompts=["q", "q"], completions=["a", "b"])

@@ -192,6 +192,7 @@ DEFAULT_REWARDS = [
 class GRPOParams(Section):
     rewards: list[RewardSpec] = F(DEFAULT_REWARDS, "Reward functions, summed with their weights (seeds: exact format, approximate format, answer check, number check).", min_length=1)
     on_reward_error: Literal["zero", "abort"] = F("abort", "A reward that raises or returns NaN: log the sample and score 0 (zero), or stop training (abort).")
+    max_reward_error_fraction: float = F(0.1, "With on_reward_error zero: stop training once a reward has failed on more than this share of the samples it scored in the run (0 = the first failure stops it, 1 = never). Each reward's per-batch share is logged as reward_errors/<name>.", ge=0, le=1)
     num_generations: int = F(8, "Completions per prompt: the group size G (seeds: 4-8).", ge=2)
     per_device_train_batch_size: int = F(
         64, "Completions (not prompts) per device per micro-batch, as TRL counts them: 64 = 8 prompts x 8. One micro-batch "
@@ -315,6 +316,12 @@ class GGUFParams(Section):
     eval_questions: int = F(10, "GSM8K test questions answered by each GGUF and the merged model to measure quantization loss.", ge=1)
     max_new_tokens: int = F(256, "Tokens generated per verification question.", ge=1)
     n_ctx: int = F(2048, "llama.cpp context window for verification.", ge=128)
+    identical_answers: list[Literal["f16", "q8_0", "f32", "bf16", "q4_k_m", "q4_0", "q5_k_m", "q6_k", "q4_k_s", "q5_0"]] = F(
+        ["q8_0"], "Files whose extracted answers must equal the merged model's on every verification question, "
+        "or the stage fails (8-bit keeps greedy answers; quantization noise shows up as a changed answer).")
+    max_accuracy_drop: float = F(
+        0.1, "Any file whose accuracy on the verification questions falls more than this below the merged model's "
+        "fails the stage (absolute accuracy, 0-1; 1 = never).", ge=0, le=1)
 
 
 class RegistryParams(Section):

@@ -9,7 +9,8 @@ Each built-in reward is made by a factory `make(fmt, **options)`, registered in 
 under the name TRL logs it as (`rewards/<name>/mean`). The GRPO stage calls
 
     funcs, weights = build_reward_funcs(params.grpo.rewards, fmt, params.grpo.on_reward_error,
-                                        max_completion_length=params.grpo.max_completion_length)
+                                        max_completion_length=params.grpo.max_completion_length,
+                                        max_error_fraction=params.grpo.max_reward_error_fraction)
     GRPOTrainer(..., reward_funcs=funcs, args=GRPOConfig(reward_weights=weights, ...))
 
 A custom reward is named `module.path:function`; it is used as is, and its options are
@@ -359,43 +360,62 @@ def _sample_kwargs(kwargs: dict[str, Any], n: int, i: int) -> dict[str, Any]:
     return {k: v[i:i + 1] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
 
 
-def _guard(name: str, func: Reward, on_error: OnError) -> Reward:
-    """Wrap a reward so an exception or a NaN/inf score is reported per sample.
+def _guard(name: str, func: Reward, on_error: OnError, max_error_fraction: float = 1.0) -> Reward:
+    """Wrap a reward so an exception or a NaN/inf score is reported per sample, and counted.
 
     abort: raise RewardError naming the reward, the error and the sample.
-    zero: log a warning with the same details and score that sample 0.0.
+    zero: log a warning with the same details and score that sample 0.0. The share of this
+    batch's samples that failed goes to TRL's `log_metric` as `reward_errors/<name>` (0 when none
+    did), and once the reward has failed on more than `max_error_fraction` of all the samples it
+    scored in this process, RewardError stops training.
     """
-    def fail(i: int, problem: str, prompts: Sequence, completions: Sequence,
+    totals = {"errors": 0, "samples": 0}
+
+    def fail(i: int, problem: str, prompts: Sequence, completions: Sequence, errors: list[int],
              cause: BaseException | None = None) -> float:
         message = (f"reward {name!r} {problem} on sample {i}\n"
                    f"  prompt: {_excerpt(prompts[i])!r}\n  completion: {_excerpt(completions[i])!r}")
         if on_error == "abort":
             raise RewardError(message) from cause
+        errors.append(i)
         log.warning("%s\n  scored 0.0 (grpo.on_reward_error: zero)", message)
         return 0.0
 
-    def checked(i: int, value: object, prompts: Sequence, completions: Sequence) -> float | None:
+    def checked(i: int, value: object, prompts: Sequence, completions: Sequence, errors: list[int]) -> float | None:
         if value is None:  # TRL's "does not apply to this sample"
             return None
         score = _finite(value)
         if score is None:
-            return fail(i, f"returned {value!r} (not a finite number)", prompts, completions)
+            return fail(i, f"returned {value!r} (not a finite number)", prompts, completions, errors)
         return score
 
-    def score_one(i: int, prompts: Sequence, completions: Sequence, kwargs: dict) -> tuple[float | None, bool]:
+    def score_one(i: int, prompts: Sequence, completions: Sequence, kwargs: dict,
+                  errors: list[int]) -> tuple[float | None, bool]:
         """Sample i scored alone, and whether it failed."""
         try:
             (value,) = func(prompts[i:i + 1], completions[i:i + 1], **_sample_kwargs(kwargs, len(completions), i))
         except Exception as err:  # noqa: BLE001 - reported by fail(): raised or logged, never hidden
-            return fail(i, f"raised {type(err).__name__}: {err}", prompts, completions, err), True
-        return checked(i, value, prompts, completions), False
+            return fail(i, f"raised {type(err).__name__}: {err}", prompts, completions, errors, err), True
+        return checked(i, value, prompts, completions, errors), False
 
-    def guarded(prompts, completions, **kwargs):
+    def count(errors: list[int], n: int, log_metric: Callable[[str, float], None] | None) -> None:
+        totals["errors"] += len(errors)
+        totals["samples"] += n
+        if log_metric is not None and n:
+            log_metric(f"reward_errors/{name}", len(errors) / n)
+        share = totals["errors"] / max(totals["samples"], 1)
+        if errors and share > max_error_fraction:
+            raise RewardError(
+                f"reward {name!r} failed on {totals['errors']} of the {totals['samples']} samples it scored "
+                f"({share:.1%}), more than grpo.max_reward_error_fraction ({max_error_fraction}); "
+                "the warnings above show the failing samples")
+
+    def scored(prompts, completions, kwargs: dict, errors: list[int]) -> list[float | None]:
         n = len(completions)
         try:
             scores = list(func(prompts, completions, **kwargs))
         except Exception as batch_err:  # noqa: BLE001 - re-run per sample to name the failing one
-            results = [score_one(i, prompts, completions, kwargs) for i in range(n)]
+            results = [score_one(i, prompts, completions, kwargs, errors) for i in range(n)]
             if not any(failed for _, failed in results):
                 message = (f"reward {name!r} raised {type(batch_err).__name__}: {batch_err} on a batch of "
                            f"{n}, but every sample scored alone without error")
@@ -405,7 +425,13 @@ def _guard(name: str, func: Reward, on_error: OnError) -> Reward:
             return [score for score, _ in results]
         if len(scores) != n:
             raise RewardError(f"reward {name!r} returned {len(scores)} scores for {n} completions")
-        return [checked(i, s, prompts, completions) for i, s in enumerate(scores)]
+        return [checked(i, s, prompts, completions, errors) for i, s in enumerate(scores)]
+
+    def guarded(prompts, completions, **kwargs):
+        errors: list[int] = []
+        scores = scored(prompts, completions, kwargs, errors)
+        count(errors, len(completions), kwargs.get("log_metric"))
+        return scores
 
     guarded.__name__ = guarded.__qualname__ = name
     guarded.__doc__ = func.__doc__
@@ -413,17 +439,22 @@ def _guard(name: str, func: Reward, on_error: OnError) -> Reward:
 
 
 def build_reward_funcs(specs: Iterable[Any], fmt: AnswerFormat, on_error: OnError = "abort", *,
-                       max_completion_length: int | None = None) -> tuple[list[Reward], list[float]]:
+                       max_completion_length: int | None = None,
+                       max_error_fraction: float = 1.0) -> tuple[list[Reward], list[float]]:
     """Reward functions and weights for GRPOTrainer from `params.grpo.rewards`.
 
     specs: RewardSpec-like objects with `name`, `weight`, `options`.
     on_error: params.grpo.on_reward_error ("abort" raises RewardError, "zero" logs and scores 0).
+    max_error_fraction: params.grpo.max_reward_error_fraction; with "zero", the share of failed
+    samples per reward above which RewardError stops training (1.0: never).
     max_completion_length: params.grpo.max_completion_length, the default for soft_overlong.
     Each function's `__name__` is its reward name (custom ones: the function name); names must
     be unique because TRL logs `rewards/<name>/mean`.
     """
     if on_error not in ("zero", "abort"):
         raise RewardConfigError(f"on_error: got {on_error!r}; allowed: 'zero', 'abort'")
+    if not 0.0 <= max_error_fraction <= 1.0:
+        raise RewardConfigError(f"max_error_fraction: got {max_error_fraction!r}; allowed: 0.0 to 1.0")
     defaults = {"max_completion_length": max_completion_length}
     funcs, weights = [], []
     for spec in specs:
@@ -431,7 +462,7 @@ def build_reward_funcs(specs: Iterable[Any], fmt: AnswerFormat, on_error: OnErro
         if name in (f.__name__ for f in funcs):
             raise RewardConfigError(f"reward {name!r} is listed twice in grpo.rewards; "
                                     "TRL logs rewards by name, so each may appear once")
-        funcs.append(_guard(name, func, on_error))
+        funcs.append(_guard(name, func, on_error, max_error_fraction))
         weights.append(float(spec.weight))
     if not funcs:
         raise RewardConfigError("grpo.rewards is empty; give at least one reward")
