@@ -18,6 +18,7 @@ import pandas as pd
 
 from stages.common import tracking
 from stages.common.answer_format import AnswerFormat, extract_gold, worked_solution
+from stages.common.dataset import dataset_name
 from stages.common.params import Params, PrepareParams, load_params
 from stages.common.paths import path, write_metrics
 
@@ -92,8 +93,6 @@ def load_source(p: PrepareParams, seed: int) -> tuple[list[dict], list[dict]]:
         return (_rows(_read_table(root / "train.jsonl"), p, "data/gsm8k/train.jsonl"),
                 _rows(_read_table(root / "test.jsonl"), p, "data/gsm8k/test.jsonl"))
     if p.source == "file":
-        if not p.train_file or not p.test_file:
-            raise DataError("prepare.source is 'file' but prepare.train_file / prepare.test_file are not both set")
         return (_rows(_read_table(p.train_file), p, p.train_file), _rows(_read_table(p.test_file), p, p.test_file))
     if not p.hub_id:
         raise DataError("prepare.source is 'hub' but prepare.hub_id is not set")
@@ -216,7 +215,7 @@ def build_splits(params: Params) -> tuple[dict[str, pd.DataFrame], dict]:
         }),
     }
     metrics = {
-        "source": p.source,
+        "source": p.source, "dataset": dataset_name(p),
         "rows_in_train": len(raw_train), "rows_in_test": len(raw_test),
         "rows_grpo": len(grpo_rows), "rows_sft": len(sft_rows), "rows_eval": len(test),
         "rows_train_clean": len(train) + (len(hits) if p.on_contamination == "drop" else 0),

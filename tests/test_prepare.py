@@ -169,7 +169,6 @@ def test_parquet_source_with_mapped_columns_and_a_solution_column(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"source": "file"}, "prepare.train_file / prepare.test_file are not both set"),
     ({"source": "file", "train_file": "/nonexistent/train.jsonl", "test_file": "/nonexistent/test.jsonl"},
      "data file not found: /nonexistent/train.jsonl"),
     ({"source": "hub"}, "prepare.hub_id is not set"),

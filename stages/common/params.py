@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from stages.common.answer_format import AnswerFormat
+from stages.common.paths import PATHS
 
 ROOT = Path(__file__).resolve().parents[2]
 # The workspace's params.yaml: the project root, or PIPELINE_WORKDIR when set (see paths.py).
@@ -86,8 +87,12 @@ class PrepareParams(Section):
         "gsm8k", "gsm8k: the copy shipped in data/gsm8k; hub: a Hugging Face dataset id; file: local jsonl/parquet/csv; synthetic: built-in arithmetic.")
     hub_id: str | None = F(None, "Dataset id when source=hub, e.g. openai/gsm8k or open-r1/DAPO-Math-17k-Processed.")
     hub_config: str | None = F(None, "Dataset config when source=hub (openai/gsm8k needs 'main').")
-    train_file: str | None = F(None, "Training file (jsonl/parquet/csv) when source=file.")
-    test_file: str | None = F(None, "Test file when source=file.")
+    # Never empty: dvc.yaml lists both files as deps of prepare, by content, whatever the source.
+    train_file: str = F(f"{PATHS['gsm8k']}/train.jsonl", "Training file (jsonl/parquet/csv) read when source=file. "
+                        "A DVC dependency of prepare by content (edit it in place and `dvc repro` reruns prepare), "
+                        "so it always names a file: by default the shipped GSM8K train split.", min_length=1)
+    test_file: str = F(f"{PATHS['gsm8k']}/test.jsonl", "Test file read when source=file; a DVC dependency like train_file "
+                       "(default: the shipped GSM8K test split).", min_length=1)
     train_split: str = F("train", "Split name for training when source=hub.")
     test_split: str = F("test", "Split name for evaluation when source=hub.")
     columns: ColumnsParams = F(ColumnsParams(), "Column mapping for hub/file sources.")

@@ -6,6 +6,7 @@ run stages in a temporary workspace that way).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -28,10 +29,21 @@ def declared_paths(root: Path = CODE_ROOT) -> dict[str, str]:
 
 
 def stage_spec(stage: str, root: Path = CODE_ROOT) -> dict:
-    """One stage's entry in dvc.yaml (cmd, deps, params, outs), with ${paths.*} resolved in deps."""
+    """One stage's entry in dvc.yaml (cmd, deps, params, outs), with the templates in deps resolved
+    as DVC resolves them: ${paths.*} from `vars`, any other ${key.path} from the workspace's
+    params.yaml (prepare's data files, `${prepare.train_file}`, are deps that way)."""
     spec = dict(dvc_spec(root).get("stages", {}).get(stage) or {})
-    paths = declared_paths(root)
-    spec["deps"] = [str(d).replace("${paths.", "{").format(**paths) for d in spec.get("deps", [])]
+    params_file = ROOT / "params.yaml"
+    values = {**((yaml.safe_load(params_file.read_text()) if params_file.exists() else None) or {}),
+              "paths": declared_paths(root)}
+
+    def value(match: re.Match) -> str:
+        node = values
+        for key in match.group(1).split("."):
+            node = node[key]
+        return str(node)
+
+    spec["deps"] = [re.sub(r"\$\{([^}]+)\}", value, str(d)) for d in spec.get("deps", [])]
     return spec
 
 

@@ -115,7 +115,7 @@ def git_commit() -> str:
 
 
 def stage_deps(stage: str) -> list[str]:
-    """The deps of a stage as dvc.yaml declares them, with ${paths.*} resolved."""
+    """The deps of a stage as dvc.yaml declares them, templates resolved as DVC resolves them."""
     from stages.common.paths import stage_spec
 
     return stage_spec(stage, ROOT)["deps"]
