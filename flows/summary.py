@@ -1,4 +1,5 @@
-"""What a pipeline run reports: GSM8K scores, the registry decision, GGUF files, stage results.
+"""What a pipeline run reports: scores on the eval split (named by its dataset), the registry decision,
+GGUF files, stage results.
 
 Pure functions over the metrics files the stages write; a file that does not exist yet (its
 stage is not in the pipeline, or did not run) shows as "n/a". Where the scores are read:
@@ -54,6 +55,15 @@ def scores(metrics_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def dataset(metrics_dir: Path) -> str | None:
+    """The dataset the scores were measured on, as the evaluate stages name it."""
+    for name in ("evaluate.json", "eval_base.json"):
+        value = (read_json(metrics_dir / name) or {}).get("dataset")
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def gguf_files(gguf_dir: Path) -> list[tuple[str, float]]:
     """(file name, size in MiB) of the exported GGUF files."""
     if not gguf_dir.is_dir():
@@ -85,7 +95,7 @@ def markdown(*, title: str, status: str, metrics_dir: Path, gguf_dir: Path, mlfl
         out += ["## Stages", "", "| stage | result | seconds |", "|---|---|---|"]
         out += [f"| {s['stage']} | {s['result']} | {_fmt(s.get('seconds'))} |" for s in stages]
         out.append("")
-    out += ["## GSM8K", "", "| model | strict-match | flexible-extract |", "|---|---|---|"]
+    out += [f"## Scores ({dataset(metrics_dir) or 'dataset not recorded'})", "", "| model | strict-match | flexible-extract |", "|---|---|---|"]
     out += [f"| {r['model']} | {r['gsm8k_strict']} | {r['gsm8k_flexible']} |" for r in table_rows(metrics_dir)]
     out += ["", "## Registry decision", ""]
     register = read_json(metrics_dir / "register.json")

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stages.common.answer_format import AnswerFormat, parse
+from stages.common.dataset import dataset_name
 from stages.common.models import base_info, choose_generation, has_cuda, torch_dtype
 from stages.common.params import Params, load_params
 from stages.eval_task.utils import extract, read_split
@@ -370,7 +371,8 @@ def model_report(result: ModelResult, params: Params, fmt: AnswerFormat) -> str:
     blocks = sum(r["answer_block"] for r in records)
     well = sum(r["well_formed"] for r in records)
     lines = [
-        f"# GSM8K evaluation: {spec.name}", "",
+        f"# {dataset_name(params.prepare)} evaluation: {spec.name}", "",
+        f"- dataset: {dataset_name(params.prepare)} (prepare.source: {params.prepare.source})",
         f"- model: `{spec.pretrained}`" + (f" + adapter `{spec.adapter}`" if spec.adapter else ""),
         f"- backend: {result.backend} ({result.backend_reason})",
         f"- questions: {n} (limit {params.evaluate.limit}), greedy, max {params.evaluate.max_new_tokens} new tokens",
@@ -397,7 +399,7 @@ def model_report(result: ModelResult, params: Params, fmt: AnswerFormat) -> str:
 
 
 def summary_report(metrics: dict[str, Any]) -> str:
-    lines = ["# GSM8K evaluation: base, SFT, GRPO", "", "| model | strict | flexible | answer block | n |", "|---|---|---|---|---|"]
+    lines = [f"# {metrics['dataset']} evaluation: base, SFT, GRPO", "", "| model | strict | flexible | answer block | n |", "|---|---|---|---|---|"]
     for name in ("base", *TUNED):
         m = metrics.get(name, {})
         if not m.get("evaluated"):
@@ -433,14 +435,15 @@ def run_base(params: Params, base_dir: Path, eval_file: Path, out_dir: Path,
              log_result: LogResult | None = None) -> dict[str, Any]:
     """Stage evaluate_base: {'base': scores}; writes out_dir/{samples.jsonl, report.md, correctness.json}."""
     _fresh(out_dir)
+    dataset = dataset_name(params.prepare)
     if "base" not in params.evaluate.models:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "report.md").write_text("# GSM8K evaluation: base\n\nNot evaluated: `base` is not in evaluate.models.\n")
-        return {"base": {"evaluated": 0}}
+        (out_dir / "report.md").write_text(f"# {dataset} evaluation: base\n\nNot evaluated: `base` is not in evaluate.models.\n")
+        return {"dataset": dataset, "base": {"evaluated": 0}}
     result = evaluate_model(params, resolve_model("base", base_dir, None), eval_file, out_dir)
     if log_result:
         log_result(result, params)
-    return {"base": _entry(result)}
+    return {"dataset": dataset, "base": _entry(result)}
 
 
 def run(params: Params, base_dir: Path, eval_file: Path, model_dirs: dict[str, Path], base_metrics: dict[str, Any],
@@ -451,7 +454,7 @@ def run(params: Params, base_dir: Path, eval_file: Path, model_dirs: dict[str, P
     """
     _fresh(out_dir)
     base = base_metrics.get("base", {"evaluated": 0})
-    metrics: dict[str, Any] = {"base": base}
+    metrics: dict[str, Any] = {"dataset": dataset_name(params.prepare), "base": base}
     for name in TUNED:
         if name not in params.evaluate.models:
             metrics[name] = {"evaluated": 0}
@@ -487,7 +490,7 @@ def log_child_run(result: ModelResult, params: Params) -> None:
         mlflow.log_params({
             "model": spec.name, "pretrained": spec.pretrained, "adapter": spec.adapter or "none", "kind": spec.kind,
             "backend": result.backend, "backend_reason": result.backend_reason[:500], "limit": e.limit,
-            "batch_size": e.batch_size, "decoding": decoding, "task": TASK_NAME,
+            "batch_size": e.batch_size, "decoding": decoding, "task": TASK_NAME, "dataset": dataset_name(params.prepare),
             "eval_set_sha256": result.scores["eval_set"]["sha256"]})
         tracking.log_metrics(result.raw)
         tracking.log_metrics(result.scores)

@@ -48,8 +48,9 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from stages.common import tracking
+from stages.common.dataset import dataset_name
 from stages.common.models import base_info
-from stages.common.params import ROOT, Params, PrepareParams, load_params
+from stages.common.params import ROOT, Params, load_params
 from stages.common.paths import metrics_file, path, write_metrics
 from stages.evaluate import CORRECTNESS_FILE, TUNED_OUT
 
@@ -174,14 +175,6 @@ def params_digest(params: Params) -> str:
     """sha256 of the canonical params JSON (sorted keys, no whitespace)."""
     canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def dataset_source(p: PrepareParams) -> str:
-    if p.source == "hub":
-        return f"hub:{p.hub_id}" + (f"/{p.hub_config}" if p.hub_config else "")
-    if p.source == "file":
-        return f"file:{p.train_file}"
-    return p.source
 
 
 def dvc_lock_md5(lock_file: Path, folder: Path) -> str | None:
@@ -409,7 +402,7 @@ def run(params: Params, base_dir: Path, adapter_dir: Path, merged_dir: Path, ggu
     name, adapter_name = params.project.name, f"{params.project.name}-adapter"
     evaluation = json.loads(evaluation_file.read_text())
     scores = gsm8k_scores(evaluation)
-    dataset = dataset_source(params.prepare)
+    dataset = dataset_name(params.prepare)
     candidate = candidate_record(evaluation, correctness_file, dataset)
 
     # ---- tags shared by both versions
@@ -466,7 +459,7 @@ def run(params: Params, base_dir: Path, adapter_dir: Path, merged_dir: Path, ggu
     promote, champion_version = decision["promoted"], decision["champion_version_before"]
     test = decision["paired_test"]
     report_file.write_text(
-        f"- register: `{name}` v{merged_version} (adapter v{adapter_version}), GSM8K strict "
+        f"- register: `{name}` v{merged_version} (adapter v{adapter_version}), {dataset} strict "
         f"{scores['strict']:.3f} / flexible {scores['flexible']:.3f} on {candidate.eval_set['n']} questions "
         f"(eval set {candidate.eval_set['sha256'][:12]}); previous champion "
         f"{'v' + champion_version if champion_version else 'none'}"

@@ -58,8 +58,8 @@ def test_filters_use_the_docs_answer_format():
 
 
 def test_eval_strict_agrees_with_correctness_reward():
-    # Skips only while stages/common/rewards.py does not exist yet (written in parallel).
-    rewards = pytest.importorskip("stages.common.rewards")
+    from stages.common import rewards
+
     completions = [[{"role": "assistant", "content": c}] for c, *_ in PLANTED]
     golds = [g for _, g, _, _ in PLANTED]
     correctness = rewards.REWARDS["correctness"](FMT)  # as the GRPO stage builds it
@@ -314,6 +314,9 @@ def test_stage_writes_scores_samples_and_reports(stage_outputs, tiny_params):
     assert "| strict |" in report and "strict failures" in report and "adapter" in report
     summary = (root / "reports" / "tuned" / "report.md").read_text()
     assert "grpo minus base" in summary and "sft skipped" in summary
+    # The dataset is named, not assumed: GSM8K here (the tiny preset's source).
+    assert base["dataset"] == tuned["dataset"] == "gsm8k"
+    assert summary.startswith("# gsm8k evaluation") and report.startswith("# gsm8k evaluation: grpo")
 
 
 @pytest.mark.slow
