@@ -16,6 +16,7 @@ from stages.common.params import GRPOParams, SFTParams
 GRPO_PROJECT_ONLY = {
     "rewards": "built into reward functions; their weights become reward_weights",
     "on_reward_error": "the reward guard in stages/common/rewards.py",
+    "max_reward_error_fraction": "the reward guard in stages/common/rewards.py",
     "group_prompts_by_length": "stages/common/length_groups.py (the sampler)",
     "max_prompt_length": "TRL 1.14 has none: longer prompts are dropped by the grpo stage",
     "monitor_kl": "stages/common/monitoring.py",
