@@ -10,11 +10,15 @@ back into tokenizer_config.json. Merging is Unsloth's `save_pretrained_merged` o
 path (it also dequantizes a QLoRA base) and peft's `merge_and_unload` otherwise; a GRPO
 output that is already a full model (full fine-tuning) is simply re-saved in 16 bits.
 
-The check: for `merge.check_prompts` chat-templated eval questions, the saved merged model
-must choose the same greedy tokens as base + adapter over `merge.check_tokens` tokens (a tie
-within `merge.atol` excepted), and its logits along that continuation must lie within `merge.atol`. It
-catches a merge that silently drops the adapter. Deviation: both sides run in float32, so
-the check measures the merge and the 16-bit storage, not the compute precision.
+The check: for `merge.check_prompts` chat-templated eval questions, base + adapter continues
+greedily for up to `merge.check_tokens` tokens, stopping at EOS as it would in use; along that
+continuation (teacher-forced) the saved merged model must choose the token base + adapter's own
+logits choose at every position (a near-tie excepted), and each of its logits must lie within
+`merge.atol + merge.rtol x |reference logit|` (16-bit storage rounds every weight relative to its
+size, so larger logits move more; the same bound defines a near-tie). Both sides are read from the same forward passes over the same tokens, so
+a model that answers in fewer tokens is compared like with like (no minimum length forced on
+one side). It catches a merge that silently drops the adapter. Deviation: both sides run in
+float32, so the check measures the merge and the 16-bit storage, not the compute precision.
 """
 from __future__ import annotations
 
@@ -149,37 +153,45 @@ def check_prompts(eval_file: Path, n: int, tokenizer, fmt: AnswerFormat) -> list
 
 
 def _greedy(model, tokenizer, prompt: str, tokens: int):
-    """(generated token ids, the whole sequence) for `tokens` greedy tokens after the prompt."""
+    """(number of generated tokens, the whole sequence): up to `tokens` greedy tokens after the
+    prompt, ending early at EOS as generation in use does."""
     import torch
 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist(), out
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    return out.shape[1] - ids.shape[1], out
 
 
-def compare(reference, candidate, tokenizer, prompts: list[str], tokens: int, atol: float) -> dict[str, Any]:
-    """Both models score the reference's greedy continuation (teacher-forced): every logit must lie
-    within atol, and the candidate must choose the same greedy token at every position, unless
-    its choice and the reference token are a tie within atol (fp16 storage can flip a near-tie)."""
+def compare(reference, candidate, tokenizer, prompts: list[str], tokens: int, atol: float,
+            rtol: float = 0.0) -> dict[str, Any]:
+    """Both models score the reference's greedy continuation (teacher-forced), EOS included: every
+    logit must lie within atol + rtol x |reference logit|, and at every position the candidate must
+    choose the token the reference's logits choose there, unless the two are a tie within that
+    bound (16-bit storage can flip a near-tie). The reference's choice is read from the same logits,
+    not from generate(), so no generation setting can make the two sides differ."""
     import torch
 
-    same, max_diff, compared, ties = True, 0.0, 0, 0
+    same, within, max_diff, compared, ties = True, True, 0.0, 0, 0
     for prompt in prompts:
-        ref_tokens, seq = _greedy(reference, tokenizer, prompt, tokens)
-        first = seq.shape[1] - len(ref_tokens) - 1  # the position whose logits pick the first new token
+        generated, seq = _greedy(reference, tokenizer, prompt, tokens)
+        first = seq.shape[1] - generated - 1  # the position whose logits pick the first new token
         with torch.no_grad():
             ref_logits = reference(seq).logits[0, first:-1].float()
             cand_logits = candidate(seq.to(candidate.device)).logits[0, first:-1].float().to(ref_logits.device)
-        max_diff = max(max_diff, (ref_logits - cand_logits).abs().max().item())
-        target = torch.tensor(ref_tokens, device=cand_logits.device)[:, None]
-        gap = cand_logits.max(-1).values - cand_logits.gather(-1, target)[:, 0]
-        same &= bool((gap <= atol).all())
-        ties += int(((gap > 0) & (gap <= atol)).sum())
-        compared += len(ref_tokens)
-    return {"passed": bool(same and max_diff <= atol), "tokens_equal": bool(same), "near_ties": ties,
-            "max_logit_diff": max_diff, "atol": atol, "tokens_compared": compared, "prompts": len(prompts)}
+        diff = (ref_logits - cand_logits).abs()
+        max_diff = max(max_diff, diff.max().item())
+        within &= bool((diff <= atol + rtol * ref_logits.abs()).all())
+        target = ref_logits.argmax(-1)[:, None].to(cand_logits.device)
+        best = cand_logits.max(-1).values
+        gap, tie = best - cand_logits.gather(-1, target)[:, 0], atol + rtol * best.abs()
+        same &= bool((gap <= tie).all())
+        ties += int(((gap > 0) & (gap <= tie)).sum())
+        compared += generated
+    return {"passed": bool(same and within), "tokens_equal": bool(same), "logits_within": bool(within),
+            "near_ties": ties, "max_logit_diff": max_diff, "atol": atol, "rtol": rtol, "tokens_compared": compared,
+            "prompts": len(prompts)}
 
 
 def verify(base_dir: Path, grpo_dir: Path, merged_dir: Path, eval_file: Path, params: Params) -> dict[str, Any]:
@@ -191,7 +203,8 @@ def verify(base_dir: Path, grpo_dir: Path, merged_dir: Path, eval_file: Path, pa
     reference = models.load_with_adapter(base_dir, grpo_dir, dtype=CHECK_DTYPE, trust_remote_code=trust).to(device)
     candidate = models.load_causal_lm(merged_dir, dtype=CHECK_DTYPE, trust_remote_code=trust).eval().to(device)
     prompts = check_prompts(eval_file, params.merge.check_prompts, tokenizer, fmt)
-    return compare(reference, candidate, tokenizer, prompts, params.merge.check_tokens, params.merge.atol)
+    return compare(reference, candidate, tokenizer, prompts, params.merge.check_tokens, params.merge.atol,
+                   params.merge.rtol)
 
 
 # ------------------------------------------------------------------ stage
@@ -235,8 +248,9 @@ def run(params: Params, base_dir: Path, grpo_dir: Path, eval_file: Path, out: Pa
     if not check["passed"]:
         raise MergeCheckError(
             f"the merged model in {out} does not reproduce base + adapter from {grpo_dir}: "
-            f"greedy tokens equal={check['tokens_equal']}, max logit diff {check['max_logit_diff']:.3g} "
-            f"(merge.atol {check['atol']}). A merge that dropped the adapter looks like this.")
+            f"greedy tokens equal={check['tokens_equal']}, logits within bounds={check['logits_within']}, max logit "
+            f"diff {check['max_logit_diff']:.3g} (merge.atol {check['atol']}, merge.rtol {check['rtol']}). "
+            "A merge that dropped the adapter looks like this.")
     return metrics
 
 

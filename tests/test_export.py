@@ -4,6 +4,11 @@ The GRPO output is stood in for by a LoRA adapter on the tiny base whose B matri
 randomised: a fresh adapter has B = 0 and would not change the model, so a merge that drops
 it would go unnoticed. The GGUF tests run llama.cpp's real converter, fetched from the pinned
 llama-cpp-python sdist by scripts/fetch_llama_cpp.sh (PyPI on first run, then cached).
+
+A random model's answers say little about quantization, so the numbers are checked on a model
+that learned something: the `learn` preset's 2-digit addition at widths of 256 (llama.cpp's
+k-quants need them), SFT-trained (full fine-tuning) on 64 problems until it knows most of them,
+scored on those problems. It answers in about 18 tokens and stops at EOS.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ def test_merge_reproduces_base_plus_adapter(merged, tiny_params):
     check = metrics["check"]
     assert check["passed"] and check["tokens_equal"]
     assert check["max_logit_diff"] <= tiny_params.merge.atol
-    assert check["tokens_compared"] == tiny_params.merge.check_prompts * tiny_params.merge.check_tokens
+    assert 0 < check["tokens_compared"] <= tiny_params.merge.check_prompts * tiny_params.merge.check_tokens
     assert metrics["input"] == "adapter" and metrics["dtype"] == "float16"
     assert metrics["bytes"] == (out / "model.safetensors").stat().st_size > 0
 
@@ -222,3 +227,81 @@ def test_gguf_rejects_a_context_too_small_for_the_questions(tmp_path, merged, pr
     params = tiny({"gguf": {"n_ctx": 128, "max_new_tokens": 120}})
     with pytest.raises(ValueError, match="gguf.n_ctx"):
         gguf.run(params, merged[0], prepared_dir / "eval.parquet", tmp_path / "out")
+
+
+# ------------------------------------------------------------------ a model that learned something
+# learn's 2-digit addition at widths of 256 (k-quants need them), SFT on 64 problems until it knows
+# them (about 37 passes each): 83% of them right when measured, each answer about 18 tokens then EOS.
+# The merge check keeps the tiny preset's tolerances, the ones the issue saw fail.
+LEARNED = {"prepare": {"synthetic": {"train_size": 400, "test_size": 50}, "sft_examples": 64},
+           "model": {"tiny": {"hidden_size": 256, "intermediate_size": 512}},
+           "sft": {"max_steps": 150, "per_device_train_batch_size": 16},
+           "merge": {"check_prompts": 4, "check_tokens": 48, "atol": 2e-3, "rtol": 2e-3},
+           "gguf": {"eval_questions": 24, "max_new_tokens": 24, "n_ctx": 256}}
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """(params, the learned questions as an eval file, trained full model, merged folder, merge metrics)."""
+    import pandas as pd
+
+    from stages import base_model, prepare, sft
+    from tests.conftest import tiny
+
+    params = tiny(LEARNED, preset="learn")
+    root = tmp_path_factory.mktemp("learned")
+    prepare.run(params, root / "prepared")
+    base_model.run(params, root / "prepared", root / "base")
+    sft.run(params, root / "prepared" / "sft.parquet", root / "base", root / "trained")
+    taught = pd.read_parquet(root / "prepared" / "sft.parquet")
+    questions = root / "taught.parquet"
+    pd.DataFrame({"question": [p[-1]["content"] for p in taught["prompt"]], "answer": taught["answer"]}
+                 ).to_parquet(questions)
+    merged = merge.run(params, root / "base", root / "trained", questions, root / "merged")
+    return params, questions, root / "trained", root / "merged", merged
+
+
+@pytest.mark.slow
+def test_merge_check_passes_a_model_that_stops_at_eos_early(learned):
+    """Issue 13: the reference used to be forced past EOS (min_new_tokens) while the candidate's own
+    choice there was EOS, so a correct merge of a model that answers briefly failed the check (this
+    model: tokens not equal, 4.1e-3 apart, under the old check; measured once, by hand)."""
+    params, _, _, _, metrics = learned
+    check = metrics["check"]
+    assert check["passed"] and check["tokens_equal"] and check["logits_within"], check
+    # The scenario: every continuation ended at EOS well before check_tokens.
+    assert check["tokens_compared"] < params.merge.check_prompts * params.merge.check_tokens / 2, check
+    assert metrics["input"] == "full_model" and check["max_logit_diff"] > 0
+
+
+@pytest.mark.slow
+def test_quantized_answers_track_the_merged_model(learned, tmp_path):
+    params, questions, _, merged, _ = learned
+    metrics = gguf.run(params, merged, questions, tmp_path / "gguf")
+    assert metrics["merged"]["accuracy"] >= 0.5, f"the trained model learned too little to test: {metrics['merged']}"
+    q8, q4 = metrics["files"]["q8_0"], metrics["files"]["q4_k_m"]
+    assert q8["answers_equal_merged"] == 1.0 and q8["accuracy"] == metrics["merged"]["accuracy"]
+    assert not q4["type_mismatch"] and set(q4["tensor_types"]) >= {"Q4_K"}
+    assert q4["accuracy"] >= metrics["merged"]["accuracy"] - params.gguf.max_accuracy_drop
+    assert metrics["quality_problems"] == []
+    gguf.check_quality(metrics)
+
+
+def test_quality_problems_name_the_file_and_the_limit():
+    from tests.conftest import tiny
+
+    g = tiny({"gguf": {"identical_answers": ["q8_0"], "max_accuracy_drop": 0.1}}).gguf
+    files = {
+        "q8_0": {"file": "m-Q8_0.gguf", "answers_equal_merged": 0.9, "answers_differing": 1, "questions": 10,
+                 "accuracy": 0.5, "accuracy_delta_vs_merged": 0.0},
+        "q4_k_m": {"file": "m-Q4_K_M.gguf", "answers_equal_merged": 0.5, "answers_differing": 5, "questions": 10,
+                   "accuracy": 0.3, "accuracy_delta_vs_merged": -0.2},
+        "f16": {"file": "m-F16.gguf", "answers_equal_merged": 0.9, "answers_differing": 1, "questions": 10,
+                "accuracy": 0.4, "accuracy_delta_vs_merged": -0.1},
+    }
+    problems = gguf.quality_problems(files, g)
+    assert problems == [
+        "m-Q8_0.gguf: 1 of 10 extracted answers differ from the merged model's (gguf.identical_answers)",
+        "m-Q4_K_M.gguf: accuracy 0.300 is 0.200 below the merged model's (gguf.max_accuracy_drop 0.1)"]
+    with pytest.raises(gguf.GGUFCheckError, match="lose more than the params allow: m-Q8_0.gguf"):
+        gguf.check_quality({"quality_problems": problems})

@@ -310,8 +310,10 @@ class MergeParams(Section):
     merged_4bit: bool = F(False, "Also save a 4-bit (bitsandbytes) merged model; CUDA only.")
     check_prompts: int = F(3, "Prompts on which merged and base+adapter greedy outputs must agree.", ge=1)
     check_tokens: int = F(16, "Greedy tokens compared per prompt.", ge=1)
-    atol: float = F(0.25, "Max absolute last-token logit difference between merged and base+adapter. bf16 storage alone moves "
-                    "logits by ~1e-2 on real models, hence the loose default; greedy-token equality is what catches a dropped adapter.", gt=0)
+    atol: float = F(0.25, "Max absolute logit difference between merged and base+adapter along the check continuation (plus rtol x |logit|). "
+                    "bf16 storage alone moves logits by ~1e-2 on real models, hence the loose default; greedy-token equality is what catches a dropped adapter.", gt=0)
+    rtol: float = F(0.0, "Relative part of that bound: a logit may also move by rtol x its size (16-bit storage rounds each weight "
+                    "relative to its size: about 1e-3 for float16, 8e-3 for bfloat16).", ge=0)
 
 
 class GGUFParams(Section):
