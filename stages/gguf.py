@@ -15,7 +15,11 @@
    chat completion with the embedded template. The tensor types are read back from the file:
    llama.cpp silently replaces k-quants on matrices whose width is not a multiple of 256, so
    a requested type that was not delivered is flagged (`type_mismatch`), not assumed.
-4. Write an Ollama Modelfile beside each file and print its `ollama create` command.
+4. Check the numbers: every file in `gguf.identical_answers` (default q8_0) must give the merged
+   model's extracted answer on every question, and no file may score more than
+   `gguf.max_accuracy_drop` below it; otherwise GGUFCheckError, after every file was verified
+   and its metrics written.
+5. Write an Ollama Modelfile beside each file and print its `ollama create` command.
 
 Deviation: accuracy prompts are the HF tokenizer's token ids fed to both engines. llama.cpp's
 SentencePiece tokenizer puts a space after added tokens (the answer tags) where HF does not,
@@ -55,7 +59,8 @@ OUTPUT_EXTRA = {"Q6_K", "Q8_0"}
 
 
 class GGUFCheckError(RuntimeError):
-    """A GGUF file lacks what the trained model needs (chat template, special tokens)."""
+    """A GGUF file lacks what the trained model needs (chat template, special tokens), or quantization
+    changed its answers more than the params allow."""
 
 
 # ------------------------------------------------------------------ llama.cpp tools
@@ -125,6 +130,20 @@ def prompt_ids(tokenizer, fmt: AnswerFormat, question: str) -> list[int]:
 def score(completions: list[str], golds: list[str], fmt: AnswerFormat) -> dict[str, Any]:
     correct = sum(parse(c, fmt).strict == g for c, g in zip(completions, golds))
     return {"accuracy": correct / len(golds), "correct": correct, "questions": len(golds)}
+
+
+def quality_problems(files: dict[str, dict], g: GGUFParams) -> list[str]:
+    """What makes the exported files worse than the merged model beyond the params' limits."""
+    problems = []
+    for kind, record in files.items():
+        if kind in g.identical_answers and record["answers_equal_merged"] < 1:
+            problems.append(f"{record['file']}: {record['answers_differing']} of {record['questions']} extracted "
+                            f"answers differ from the merged model's (gguf.identical_answers)")
+        if -record["accuracy_delta_vs_merged"] > g.max_accuracy_drop + 1e-9:
+            problems.append(f"{record['file']}: accuracy {record['accuracy']:.3f} is "
+                            f"{-record['accuracy_delta_vs_merged']:.3f} below the merged model's "
+                            f"(gguf.max_accuracy_drop {g.max_accuracy_drop})")
+    return problems
 
 
 def answer_hf(merged: Path, dtype: str, prompts: list[list[int]], max_new_tokens: int, tokenizer) -> dict[str, Any]:
@@ -268,8 +287,11 @@ def run(params: Params, merged: Path, eval_file: Path, out: Path) -> dict[str, A
         record.update(file=file.name, bytes=file.stat().st_size, **tensor_types(file, kind), **checked,
                       **score(texts, golds, fmt), modelfile=modelfile.name)
         record["accuracy_delta_vs_merged"] = record["accuracy"] - merged_score["accuracy"]
-        # Identical greedy answers: a finer measure of quantization damage than accuracy.
+        # Identical greedy completions and extracted answers: finer measures of quantization damage than accuracy.
         record["same_answers_as_merged"] = sum(a == b for a, b in zip(texts, reference["texts"])) / len(texts)
+        differing = sum(parse(a, fmt).strict != parse(b, fmt).strict for a, b in zip(texts, reference["texts"]))
+        record["answers_differing"] = differing
+        record["answers_equal_merged"] = 1 - differing / len(texts)
         print(f"gguf: {file.name}: {record['bytes'] / 1e6:.1f} MB, accuracy {record['accuracy']:.3f} "
               f"(merged {merged_score['accuracy']:.3f}), {record['tokens_per_second']} tok/s, "
               f"types {record['tensor_types']}")
@@ -280,8 +302,14 @@ def run(params: Params, merged: Path, eval_file: Path, out: Path) -> dict[str, A
         "converter": "convert_hf_to_gguf.py from llama-cpp-python 0.3.36's vendored llama.cpp",
         "merged": {**merged_score, "tokens_per_second": round(reference["tokens_per_second"], 1)},
         "files": files, "type_mismatch": [k for k, r in files.items() if r["type_mismatch"]],
+        "quality_problems": quality_problems(files, g),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def check_quality(metrics: dict[str, Any]) -> None:
+    if metrics["quality_problems"]:
+        raise GGUFCheckError("the GGUF files lose more than the params allow: " + "; ".join(metrics["quality_problems"]))
 
 
 def main() -> None:
@@ -289,7 +317,8 @@ def main() -> None:
     with tracking.stage_run("gguf", params):
         metrics = run(params, path("merged"), path("prepared") / "eval.parquet", path("gguf"))
         tracking.log_metrics(metrics)
-    write_metrics("gguf", metrics)
+        write_metrics("gguf", metrics)
+        check_quality(metrics)
 
 
 if __name__ == "__main__":
