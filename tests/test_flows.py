@@ -1,6 +1,7 @@
 """The Prefect flows: stage order from dvc.yaml, params validation, the workspace lock, failure
 handling with the MLflow parent, the summary artifact, continuous-training ticks, and the real
-two-stage pipeline (prepare, base_model) through the CLI in a copy of the repository.
+pipeline: the README's main command (every stage, through the CLI, Prefect and DVC) in a copy of
+the repository, then a `dvc exp run -S ...` there.
 
 Flow logic runs under `prefect_test_harness` against real, tiny DVC repositories made in tmp
 (`git init` + `dvc init`, stages that are small Python commands): real DVC, real MLflow store.
@@ -281,7 +282,7 @@ def test_summary_renders_scores_registry_and_gguf_files(tmp_path):
     (metrics / "eval_base.json").write_text(json.dumps({"base": {
         "evaluated": 1, "strict_stderr": 0.01, "strict": 0.05, "flexible": 0.1, "answer_block_rate": 0.9}}))
     (metrics / "evaluate.json").write_text(json.dumps({
-        "base": {"evaluated": 1, "strict": 0.99, "flexible": 0.99},
+        "dataset": "file:train.jsonl+test.jsonl", "base": {"evaluated": 1, "strict": 0.99, "flexible": 0.99},
         "sft": {"evaluated": 1, "strict": 0.2, "flexible": 0.25},
         "grpo": {"exact_match_stderr/strict-match": 0.01, "exact_match/strict-match": 0.4},
         "delta": {"grpo_minus_sft": {"strict": 0.2, "flexible": 0.0}}}))
@@ -289,6 +290,7 @@ def test_summary_renders_scores_registry_and_gguf_files(tmp_path):
     (gguf / "model-q8_0.gguf").write_bytes(b"\0" * 2**20)
     text = summary.markdown(title="T", status="finished", metrics_dir=metrics, gguf_dir=gguf, mlflow_link="`abc`",
                             stages=[{"stage": "grpo", "result": "ran", "seconds": 1.5}])
+    assert "## Scores (file:train.jsonl+test.jsonl)" in text and "GSM8K" not in text
     assert "| base | 0.0500 | 0.1000 |" in text
     assert "| sft | 0.2000 | 0.2500 |" in text
     assert "| grpo | 0.4000 | n/a |" in text
@@ -335,17 +337,33 @@ def test_continuous_ticks_train_once_per_new_data(harness, tmp_path, experiment)
 
 
 # ------------------------------------------------------------------ the real stages
-@pytest.mark.slow
-def test_cli_runs_prepare_and_base_model_under_one_parent(tmp_path):
-    """`python -m flows.pipeline --preset tiny --stages base_model` in a copy of the repository."""
-    repo = copy_repo(tmp_path / "repo")
-    mlruns = tmp_path / "mlruns"
-    env = {**os.environ, "PIPELINE_MLRUNS_DIR": str(mlruns), "PREFECT_HOME": str(tmp_path / "prefect")}
-    proc = subprocess.run([PY, "-m", "flows.pipeline", "--preset", "tiny", "--stages", "base_model",
-                           ], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """The README's main command, `python -m flows.pipeline --preset tiny` (what `make pipeline` runs),
+    in a copy of the repository: every stage of dvc.yaml, through Prefect and DVC."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    repo = copy_repo(tmp / "repo")
+    mlruns = tmp / "mlruns"
+    env = {**os.environ, "PIPELINE_MLRUNS_DIR": str(mlruns), "PREFECT_HOME": str(tmp / "prefect"),
+           # DVC runs each stage as `python -m stages.<name>` from PATH, as `make repro` arranges.
+           "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([PY, "-m", "flows.pipeline", "--preset", "tiny"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == {"prepare", "base_model"}
-    assert (repo / "models/base/base.json").exists()
+    return repo, mlruns, env
+
+
+@pytest.mark.slow
+def test_the_main_command_runs_every_stage_under_one_parent(pipeline_run):
+    repo, mlruns, env = pipeline_run
+    declared = set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    assert set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == declared
+    assert (repo / "models/base/base.json").exists() and list((repo / "models/gguf").glob("*.gguf"))
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert evaluation["dataset"] == "gsm8k" and evaluation["grpo"]["evaluated"] == 1
+    assert json.loads((repo / "metrics/register.json").read_text())["enabled"] is True
+    status = subprocess.run([PY, "-m", "dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
 
     import mlflow
 
@@ -353,8 +371,46 @@ def test_cli_runs_prepare_and_base_model_under_one_parent(tmp_path):
     exp = client.get_experiment_by_name(tiny().project.name)
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("pipeline.parent") == "true"]
-    children = [r for r in runs if r is not parent]
+    children = [r for r in runs if r is not parent and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and parent.data.tags["pipeline.launcher"] == "prefect"
     assert parent.data.params["preset"] == "tiny"
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert sorted(c.data.tags["stage"] for c in children) == ["base_model", "prepare"]
+    assert sorted(c.data.tags["stage"] for c in children) == sorted(declared)
+    assert "gsm8k/grpo/strict" in parent.data.metrics
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_with_a_changed_param(pipeline_run):
+    """`dvc exp run -S grpo.beta=0.04` on the tiny profile: GRPO and what follows it rerun, the
+    experiment records the new value and its metrics."""
+    repo, _, env = pipeline_run
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "baseline"], cwd=repo, check=True)
+    lock_before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    proc = subprocess.run([PY, "-m", "dvc", "exp", "run", "-S", "grpo.beta=0.04"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("grpo", "evaluate", "merge", "gguf", "register"):
+        assert f"Running stage '{stage}'" in proc.stdout, stage
+    assert "Running stage 'sft'" not in proc.stdout  # not downstream of grpo.beta
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert lock["grpo"]["params"]["params.yaml"]["grpo"]["beta"] == 0.04
+    assert lock["sft"] == lock_before["sft"]
+    shown = json.loads(subprocess.run([PY, "-m", "dvc", "exp", "show", "--json"], cwd=repo, env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+
+    def experiments(node):
+        """Every named experiment in `dvc exp show --json`, wherever DVC nests it."""
+        if isinstance(node, dict):
+            if node.get("name") and isinstance(node.get("data"), dict) and "params" in node["data"]:
+                yield node
+            for value in node.values():
+                yield from experiments(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from experiments(value)
+
+    (exp,) = [e for e in experiments(shown)
+              if e["data"]["params"]["params.yaml"]["data"]["grpo"]["beta"] == 0.04]
+    assert "metrics/evaluate.json" in exp["data"]["metrics"]
+    assert json.loads((repo / "metrics/grpo.json").read_text())["steps"] == load_params(repo / "params.yaml").grpo.max_steps
