@@ -172,8 +172,13 @@ def gsm8k_scores(evaluation: dict[str, Any], model: str = EVALUATED_MODEL) -> di
 
 
 def params_digest(params: Params) -> str:
-    """sha256 of the canonical params JSON (sorted keys, no whitespace)."""
-    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON (sorted keys, no whitespace) of the params this stage declares in
+    dvc.yaml: what DVC reruns it for, so the tag never covers a value the stage did not see change."""
+    from stages.common.checkpoints import params_for
+    from stages.common.paths import stage_spec
+
+    declared = [p if isinstance(p, str) else next(iter(p)) for p in stage_spec("register").get("params", [])]
+    canonical = json.dumps(params_for(declared, params, set()), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
