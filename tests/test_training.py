@@ -276,3 +276,21 @@ def test_continuous_training_takes_new_prompts_first_and_continues_the_lr_schedu
     header = (work / "plots" / "grpo_rewards.csv").read_text().splitlines()[0].split(",")
     used = [float(curve[step][header.index("learning_rate")]) for step in (3, 4)]
     assert used == pytest.approx([1e-3 * 2 / 4, 1e-3 / 4], rel=1e-3), f"learning rates of steps 3 and 4: {used}"
+
+
+def test_the_trainers_closing_summary_adds_no_second_value_to_step_metrics():
+    """HF's end-of-training summary arrives at the last step: it must not bring a second
+    step_seconds / memory / throughput value for that step."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from stages.common.training import MlflowMetricsCallback
+
+    cb = MlflowMetricsCallback(completions_per_step=8)
+    args = TrainingArguments(output_dir="/tmp/unused", report_to="none", use_cpu=True)
+    state = TrainerState()
+    state.global_step = 3
+    cb.on_train_begin(args, state, TrainerControl())
+    cb.on_log(args, state, TrainerControl(), logs={"loss": 0.5, "reward": 1.0, "completions/mean_length": 4.0})
+    cb.on_log(args, state, TrainerControl(), logs={"train_runtime": 9.0, "train_loss": 0.5})
+    step_rows = [h for h in cb.history if "step_seconds" in h]
+    assert len(step_rows) == 1 and step_rows[0]["step"] == 3

@@ -179,8 +179,6 @@ class MlflowMetricsCallback(TrainerCallback):
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
     def on_log(self, args, state, control, logs=None, **kw):
-        import mlflow
-
         if logs is None:
             return
         # In place: callbacks after this one (a benchmark's timers) see the same figures.
@@ -191,6 +189,9 @@ class MlflowMetricsCallback(TrainerCallback):
                 raise NonFiniteLossError(
                     f"{key} is {logs[key]} at step {state.global_step}; stopping. The last good checkpoint "
                     f"(every save_steps) is kept in {args.output_dir}. Lower the learning rate or check the data.")
+        if "train_runtime" in logs:  # the trainer's closing summary, at the last step: no step figures of its own
+            self._log(state.global_step, self._numeric(logs))
+            return
         now = time.perf_counter()
         elapsed = now - (self._last_time or now)
         self._last_time = now
@@ -215,13 +216,18 @@ class MlflowMetricsCallback(TrainerCallback):
             state.log_history[-1].update({k: v for k, v in numeric.items() if k not in state.log_history[-1]})
             if self.drop_kl:
                 state.log_history[-1].pop("kl", None)
+        self._log(state.global_step, numeric)
+
+    def _log(self, step: int, numeric: dict[str, float]) -> None:
+        import mlflow
+
         if mlflow.active_run() is not None:
             from stages.common.tracking import metric_name
 
-            self.pending.append({"run_id": mlflow.active_run().info.run_id, "step": state.global_step,
+            self.pending.append({"run_id": mlflow.active_run().info.run_id, "step": step,
                                  "timestamp": int(time.time() * 1000),
                                  "metrics": {metric_name(k): v for k, v in numeric.items()}})
-            self._send(state.global_step)
+            self._send(step)
 
     def on_train_end(self, args, state, control, **kw):
         if not self.pending or self._send(state.global_step):
