@@ -181,6 +181,20 @@ def load_lm(spec: ModelSpec, backend: str, params: Params):
         raise EvalError(f"lm-eval could not load {spec.name} ({backend}, {args}): {type(err).__name__}: {err}") from err
 
 
+def prompts_truncated(lm, questions: list[str], fmt: AnswerFormat, max_new_tokens: int) -> int:
+    """How many prompts are longer than the context lm-eval leaves them (its max_length minus
+    max_new_tokens). lm-eval keeps only the last tokens of such a prompt, which drops the system
+    prompt without a word, so they are counted here (scores: prompts_truncated) and warned about."""
+    room, tok = lm.max_length - max_new_tokens, lm.tokenizer
+    system = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
+    count = 0
+    for question in questions:
+        text = tok.apply_chat_template(system + [{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+        count += len(tok(text, add_special_tokens=False).input_ids) > room
+    return count
+
+
 # --------------------------------------------------------------------------- task
 def load_task(eval_file: Path, fmt: AnswerFormat):
     """The shipped task, reading eval_file; (TaskManager, Task)."""
@@ -326,14 +340,19 @@ def evaluate_model(params: Params, spec: ModelSpec, eval_file: Path, out_dir: Pa
     """Run lm-eval on one model; write samples.jsonl and report.md into out_dir."""
     e = params.evaluate
     fmt = params.project.answer_format.build()
-    read_split(eval_file)  # a missing, empty or malformed split fails before any model loads
+    split = read_split(eval_file)  # a missing, empty or malformed split fails before any model loads
     check_adapter(spec, params.model.trust_remote_code)
     backend, why = choose_backend(e.backend)
     start = time.perf_counter()
     lm = load_lm(spec, backend, params)
+    truncated = prompts_truncated(lm, list(split["question"][:e.limit]), fmt, e.max_new_tokens)
+    if truncated:
+        print(f"evaluate: warning: {truncated} {spec.name} prompt(s) are longer than the {lm.max_length - e.max_new_tokens} "
+              f"tokens lm-eval leaves them (max length {lm.max_length} - evaluate.max_new_tokens {e.max_new_tokens}); "
+              "lm-eval keeps only their last tokens, without the system prompt (lower prepare.max_question_chars to drop them)")
     results = run_lm_eval(lm, eval_file, params, fmt)
     records = sample_records(results["samples"][TASK_NAME], fmt)
-    result_scores = scores(results, records)
+    result_scores = scores(results, records) | {"prompts_truncated": truncated}
     raw = {k: v for k, v in results["results"][TASK_NAME].items() if isinstance(v, (int, float))}
     if e.num_samples > 0:
         sampled_run = run_lm_eval(lm, eval_file, params, fmt, repeats=e.num_samples)

@@ -4,8 +4,10 @@
 
 Sources (prepare.source): the GSM8K copy shipped in data/gsm8k, a hub dataset, a local
 jsonl/parquet/csv file, or built-in synthetic arithmetic. Bad rows are counted by reason
-and dropped or fail the stage (prepare.on_bad_rows); train/test overlap is checked
-(prepare.on_contamination). Writes three parquet files and a metrics JSON.
+and dropped or fail the stage (prepare.on_bad_rows); questions longer than
+prepare.max_question_chars are counted and dropped or fail it (prepare.on_long_questions), since
+a model's context would silently cut them; train/test overlap is checked (prepare.on_contamination).
+An empty file or one without rows says so. Writes three parquet files and a metrics JSON.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def _read_table(file: str | Path) -> pd.DataFrame:
     if not file.exists():
         raise DataError(f"data file not found: {file}")
     suffix = file.suffix.lower()
+    if file.stat().st_size == 0 or (suffix != ".parquet" and not file.read_text(errors="replace").strip()):
+        raise DataError(f"{file}: the file is empty")
     if suffix in (".jsonl", ".json"):
         return pd.read_json(file, lines=suffix == ".jsonl", dtype=False)
     if suffix == ".parquet":
@@ -44,6 +48,8 @@ def _read_table(file: str | Path) -> pd.DataFrame:
 
 def _rows(frame: pd.DataFrame, p: PrepareParams, origin: str) -> list[dict]:
     cols = p.columns
+    if frame.empty:
+        raise DataError(f"{origin}: no rows (columns: {list(frame.columns)})")
     needed = [cols.question, cols.answer] + ([cols.solution] if cols.solution else [])
     missing = [c for c in needed if c not in frame.columns]
     if missing:
@@ -166,6 +172,16 @@ def overlap(train: list[dict], test: list[dict]) -> tuple[set[int], dict[str, in
     return hits, {"overlap_exact": n_exact, "overlap_normalized": n_norm}
 
 
+def drop_long(rows: list[dict], max_chars: int | None) -> tuple[list[dict], list[str]]:
+    """(rows whose question fits in max_chars, examples of those that do not)."""
+    if max_chars is None:
+        return rows, []
+    kept, long = [], []
+    for r in rows:
+        (kept if len(r["question"]) <= max_chars else long).append(r)
+    return kept, [f"{len(r['question'])} chars: {r['question'][:60]!r}..." for r in long]
+
+
 # ------------------------------------------------------------------ splits
 def build_splits(params: Params) -> tuple[dict[str, pd.DataFrame], dict]:
     p, fmt = params.prepare, params.project.answer_format.build()
@@ -175,6 +191,14 @@ def build_splits(params: Params) -> tuple[dict[str, pd.DataFrame], dict]:
     if (train_bad or test_bad) and p.on_bad_rows == "fail":
         raise DataError("bad rows with prepare.on_bad_rows=fail: "
                         f"train {dict(train_bad)}, test {dict(test_bad)}; e.g. " + "; ".join(train_examples + test_examples))
+    train, train_long = drop_long(train, p.max_question_chars)
+    test, test_long = drop_long(test, p.max_question_chars)
+    if train_long or test_long:
+        msg = (f"{len(train_long)} training and {len(test_long)} test questions are longer than "
+               f"prepare.max_question_chars={p.max_question_chars}; e.g. {(train_long + test_long)[0]}")
+        if p.on_long_questions == "fail":
+            raise DataError(msg + " and prepare.on_long_questions=fail")
+        print(f"prepare: {msg}; dropped (prepare.on_long_questions=drop)")
     hits, overlap_counts = overlap(train, test)
     if hits:
         msg = f"{len(hits)} training questions also appear in the test split ({overlap_counts})"
@@ -188,6 +212,11 @@ def build_splits(params: Params) -> tuple[dict[str, pd.DataFrame], dict]:
 
     random.Random(params.project.seed).shuffle(train)
     n_sft = min(p.sft_examples, max(len(train) - 1, 0))
+    warnings = []
+    if n_sft < p.sft_examples:
+        warnings.append(f"prepare.sft_examples is {p.sft_examples} but only {len(train)} training rows are left after "
+                        f"cleaning: {n_sft} become SFT examples and {len(train) - n_sft} GRPO prompt(s)")
+        print(f"prepare: warning: {warnings[-1]}")
     sft_rows, grpo_rows = train[:n_sft], train[n_sft:]
     if p.max_train_rows:
         grpo_rows = grpo_rows[: p.max_train_rows]
@@ -220,7 +249,9 @@ def build_splits(params: Params) -> tuple[dict[str, pd.DataFrame], dict]:
         "rows_grpo": len(grpo_rows), "rows_sft": len(sft_rows), "rows_eval": len(test),
         "rows_train_clean": len(train) + (len(hits) if p.on_contamination == "drop" else 0),
         "dropped_train": dict(train_bad), "dropped_test": dict(test_bad),
+        "too_long": {"train": len(train_long), "test": len(test_long), "max_question_chars": p.max_question_chars},
         "contamination": {**overlap_counts, "action": p.on_contamination},
+        "warnings": warnings,
     }
     return splits, metrics
 

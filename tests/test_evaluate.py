@@ -246,6 +246,15 @@ def test_sampled_pass_and_majority(tiny_params, base_dir, prepared_dir):
     assert (s["pass_at_k"], s["maj_at_k"], s["sample_accuracy"]) == (1.0, 0.5, 0.5)
 
 
+def test_prompts_lm_eval_would_cut_are_counted(tiny_params, base_dir):
+    """The tiny model's context is 1024 tokens: with 48 new tokens lm-eval keeps the last 976 of a prompt."""
+    lm = evaluate.load_lm(evaluate.resolve_model("base", base_dir, None), "hf", tiny_params)
+    assert lm.max_length == tiny_params.model.tiny.max_position_embeddings
+    short, huge = "What is 2 + 3?", "How many? " + "7 apples and " * 5000
+    assert evaluate.prompts_truncated(lm, [short, huge, short], FMT, max_new_tokens=48) == 1
+    assert evaluate.prompts_truncated(lm, [short], FMT, max_new_tokens=lm.max_length - 5) == 1
+
+
 @pytest.mark.slow
 def test_sampled_evaluation_on_the_tiny_model(base_dir, prepared_dir, tmp_path):
     from tests.conftest import tiny
@@ -296,6 +305,7 @@ def test_stage_writes_scores_samples_and_reports(stage_outputs, tiny_params):
     assert base["base"]["evaluated"] == 1 and base["base"]["n"] == n
     # A random model never writes an answer block: strict is 0, and the report says why.
     assert base["base"]["strict"] == 0.0 and base["base"]["answer_block_rate"] == 0.0
+    assert base["base"]["prompts_truncated"] == 0  # GSM8K questions fit the tiny model's context
     assert "No completion contained an answer block" in (root / "reports" / "base" / "report.md").read_text()
     assert tuned["sft"]["same_as_base"] == 1 and tuned["sft"]["strict"] == base["base"]["strict"]
     assert tuned["grpo"]["evaluated"] == 1 and tuned["grpo"]["n"] == n

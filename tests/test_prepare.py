@@ -193,6 +193,53 @@ def test_nothing_usable_left_is_an_error(tmp_path):
         build_splits(_file_params(tmp_path, BAD[:4], TEST))
 
 
+@pytest.mark.parametrize("name, content", [("train.jsonl", ""), ("train.jsonl", "\n  \n"), ("train.csv", ""),
+                                           ("train.parquet", "")])
+def test_an_empty_file_says_it_is_empty(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=f"{tmp_path / name}: the file is empty"):
+        build_splits(tiny({"prepare": {"source": "file", "train_file": str(tmp_path / name),
+                                       "test_file": _write(TEST, tmp_path / "test.jsonl")}}))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_file_with_columns_but_no_rows_says_so(tmp_path, suffix):
+    file = tmp_path / f"train{suffix}"
+    empty = pd.DataFrame({"question": pd.Series(dtype=str), "answer": pd.Series(dtype=str)})
+    empty.to_csv(file, index=False) if suffix == ".csv" else empty.to_parquet(file)
+    with pytest.raises(DataError, match=r"no rows \(columns: \['question', 'answer'\]\)"):
+        build_splits(tiny({"prepare": {"source": "file", "train_file": str(file),
+                                       "test_file": _write(TEST, tmp_path / "test.jsonl")}}))
+
+
+LONG = {"question": "How many? " + "x" * 50_000, "answer": "#### 3"}
+
+
+def test_over_long_questions_are_dropped_and_counted(tmp_path, capsys):
+    params = _file_params(tmp_path, GOOD + [LONG], TEST + [dict(LONG, answer="#### 4")], on_long_questions="drop")
+    splits, metrics = build_splits(params)
+    assert metrics["too_long"] == {"train": 1, "test": 1, "max_question_chars": 4000}
+    assert "1 training and 1 test questions are longer than prepare.max_question_chars=4000" in capsys.readouterr().out
+    kept = set(splits["grpo"]["question"]) | {p[1]["content"] for p in splits["sft"]["prompt"]} | set(splits["eval"]["question"])
+    assert all(len(q) <= 4000 for q in kept) and len(splits["eval"]) == len(TEST)
+
+
+def test_over_long_questions_fail_when_asked(tmp_path):
+    params = _file_params(tmp_path, GOOD + [LONG], TEST, on_long_questions="fail", max_question_chars=100)
+    with pytest.raises(DataError, match=r"1 training and 0 test questions are longer than prepare.max_question_chars=100; "
+                                        r"e.g. 50010 chars: 'How many\? xxx.*on_long_questions=fail"):
+        build_splits(params)
+
+
+def test_too_few_rows_for_sft_examples_warns_in_the_metrics(tmp_path, capsys):
+    params = _file_params(tmp_path, GOOD, TEST, sft_examples=256)
+    splits, metrics = build_splits(params)
+    assert (len(splits["sft"]), len(splits["grpo"])) == (3, 1)
+    assert metrics["warnings"] == ["prepare.sft_examples is 256 but only 4 training rows are left after cleaning: "
+                                   "3 become SFT examples and 1 GRPO prompt(s)"]
+    assert "prepare: warning: prepare.sft_examples is 256" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ contamination
 CONTAMINATED_TRAIN = GOOD + [
     {"question": "What is 10 + 5?", "answer": "#### 15"},  # exact copy of a test question

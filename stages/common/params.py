@@ -105,6 +105,13 @@ class PrepareParams(Section):
     max_test_rows: int | None = F(None, "Cap on evaluation rows (None = all).", ge=1)
     on_bad_rows: Literal["drop", "fail"] = F("drop", "Rows with missing/empty question, missing or non-numeric answer, or duplicates: drop (counted by reason) or fail the stage.")
     on_contamination: Literal["drop", "fail", "warn"] = F("drop", "Training rows whose question also appears in the test split (exact or normalised text).")
+    max_question_chars: int | None = F(
+        4000, "Longest question in characters (GSM8K's longest is under 1,000); longer ones would be cut by the model's "
+        "context (lm-eval keeps only the last tokens, losing the system prompt). None = no limit.", ge=1)
+    on_long_questions: Literal["drop", "fail"] = F("drop", "Questions longer than max_question_chars, in either split: drop them (counted in the metrics) or fail the stage.")
+    on_small_split: Literal["warn", "fail"] = F(
+        "warn", "A split smaller than one batch (GRPO prompts < one generation batch of prompts, SFT examples < one SFT "
+        "step), found by `python -m stages.check` before any stage runs: warn or fail.")
 
 
 # --------------------------------------------------------------------------- model
