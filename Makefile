@@ -16,8 +16,10 @@ install:
 pipeline: install
 	$(PY) -m flows.pipeline --preset $(PRESET)
 
-# The same stages without Prefect (dvc runs each stage's `python -m ...` from PATH).
+# The same stages without Prefect (dvc runs each stage's `python -m ...` from PATH). params.yaml is
+# checked first: dvc repro deletes a stage's outputs before running it (stages/check.py).
 repro: install
+	$(PY) -m stages.check
 	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc repro
 
 test: install

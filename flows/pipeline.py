@@ -18,14 +18,19 @@ time, never listed here.
   at the end of every run, failed ones included; attached with the stage logs to the MLflow
   parent run and, as markdown, to the Prefect flow run; its path is printed at the end.
 
-- Params: a preset and `--set key.path=value` overrides are validated by the project loader
-  before anything runs (a bad one fails the flow at once with the loader's message), then
-  written into params.yaml in full, as `python -m stages.preset` and `dvc exp run -S` do: the
+- Params: a preset and `--set key.path=value` overrides are checked before anything runs
+  (stages/check.py: the typed loader, the machine, grpo's reward names and imports, the data
+  files; `dvc repro` deletes a stage's outputs before running it, so a stage must not fail on its
+  params), then written into params.yaml in full, as `python -m stages.preset` and `dvc exp run -S` do: the
   workspace keeps the params of its last run, and dvc.lock agrees with them.
 - MLflow: the flow opens one parent run (tags pipeline.launcher=prefect, prefect.flow_run_id);
   each stage's run is its child through PIPELINE_PARENT_RUN_ID (stages/common/tracking.py).
-  The parent ends FAILED when a stage fails for good.
-- Retries: params.flow.retries, delays doubling from params.flow.retry_delay_seconds. Nothing
+  The parent ends FAILED when a stage fails for good; a parent or stage run that a killed flow
+  left RUNNING is closed as KILLED when the next run starts (tracking.close_orphans).
+- Retries: params.flow.retries, delays doubling from params.flow.retry_delay_seconds, for
+  transient and unknown errors only: a stage that fails with one of the project's own check
+  errors (ParamsError, DataError, RewardConfigError, MergeCheckError, EvalError, ...) fails the
+  flow at once (stages/common/errors.py: how the kind crosses the `dvc repro` process). Nothing
   here touches checkpoints/grpo (a persistent DVC out), so a retried grpo stage resumes.
 - One run per workspace: the whole run holds <root>/.pipeline.lock; a second run waits up to
   `lock_timeout` seconds, then fails naming the lock.
@@ -42,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -55,22 +60,32 @@ from flows.console import CONSOLE, StageLog, error_of
 from flows.hints import fix_for
 from flows.workspace import (declared_path, resolve_params, stage_order, workspace_lock,
                              WorkspaceBusy, write_params)
-from stages.common import tracking
-from stages.common.params import ROOT, Params, ParamsError, check_runtime, parse_overrides
+from stages.check import CHECK_ERRORS, check
+from stages.common import errors, tracking
+from stages.common.params import ROOT, Params, parse_overrides
 
 UI_URL = "http://127.0.0.1:5000"  # `make ui` (flows/ui.py) serves the local store here
 
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; the message quotes the end of its output.
 
-    stage, error (its exception line, flows.console.error_of), log_file and seconds are kept for
-    the console's three-line failure report.
+    stage, error (its exception line), log_file and seconds are kept for the console's three-line
+    failure report; kind (stages/common/errors.py) decides on a retry: only `check` is not retried.
     """
 
     def __init__(self, message: str, stage: str = "", error: str = "", log_file: Path | None = None,
-                 seconds: float | None = None) -> None:
+                 seconds: float | None = None, kind: str = errors.UNKNOWN) -> None:
         super().__init__(message)
-        self.stage, self.error, self.log_file, self.seconds = stage, error or message, log_file, seconds
+        self.stage, self.error, self.log_file, self.seconds, self.kind = stage, error or message, log_file, seconds, kind
+
+    def __reduce__(self):  # Prefect may pickle a task's exception: keep every field
+        return StageFailed, (str(self), self.stage, self.error, self.log_file, self.seconds, self.kind)
+
+
+def retry_unless_check(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: a check error fails at once, anything else is retried."""
+    err = state.result(raise_on_failure=False)
+    return not (isinstance(err, StageFailed) and err.kind == errors.CHECK)
 
 
 # ------------------------------------------------------------------ one stage
@@ -95,7 +110,8 @@ def run_stage(root: str, stage: str, env: dict[str, str]) -> dict[str, Any]:
     """`dvc repro --single-item <stage>`: the flow walks the DAG itself, so each stage is checked once.
 
     The stage's whole output goes to its log file; ordinary lines also go to the Prefect run log
-    (on the console only with --verbose), progress-bar redraws only to the console's live bar.
+    (on the console only with --verbose), progress-bar redraws only to the console's live bar. An
+    uncaught error's class and kind come back through PIPELINE_ERROR_FILE (stages/common/errors.py).
     """
     logger = get_run_logger()
     venv_bin = str(Path(sys.executable).parent)  # the stage cmds say `python`: make it this venv's
@@ -105,6 +121,9 @@ def run_stage(root: str, stage: str, env: dict[str, str]) -> dict[str, Any]:
     full_env.update(env)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     log_file = log_dir(Path(root)) / f"{stage.replace(':', '_').replace('/', '_')}.log"
+    error_file = log_file.with_suffix(".error.json")
+    error_file.unlink(missing_ok=True)
+    full_env[errors.ERROR_FILE_ENV] = str(error_file)
     result, start = "ran", time.perf_counter()
     with CONSOLE.stage(stage, log_file, attempt=task_run.run_count or 1) as log, \
             subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -118,17 +137,21 @@ def run_stage(root: str, stage: str, env: dict[str, str]) -> dict[str, Any]:
     seconds = round(time.perf_counter() - start, 2)
     if proc.returncode:
         CONSOLE.stage_done(stage, "failed", seconds)
-        raise _failure(stage, proc.returncode, log, seconds)
+        raise _failure(stage, proc.returncode, log, seconds, errors.read(error_file))
     figure = summary.key_figure(stage, declared_path(Path(root), "metrics"))
     CONSOLE.stage_done(stage, result, seconds, figure)
     logger.info(f"stage {stage}: {result} ({seconds} s)")
     return {"stage": stage, "result": result, "seconds": seconds, "figure": figure, "log": _shown(log_file, root)}
 
 
-def _failure(stage: str, returncode: int, log: StageLog, seconds: float) -> StageFailed:
+def _failure(stage: str, returncode: int, log: StageLog, seconds: float, reported: dict[str, str] | None) -> StageFailed:
+    """The stage's error as it reported it (None: killed by a signal, or DVC failed before it ran)."""
     tail = list(log.tail)
-    return StageFailed(f"stage {stage} failed (`dvc repro` exited {returncode}); last output:\n" + "\n".join(tail),
-                       stage=stage, error=error_of(tail), log_file=log.file, seconds=seconds)
+    kind = reported["kind"] if reported else errors.UNKNOWN
+    error = f"{reported['error']}: {reported['message']}" if reported else error_of(tail)
+    retry = "a check error: not retried" if kind == errors.CHECK else f"{kind}: retried while flow.retries allows"
+    return StageFailed(f"stage {stage} failed (`dvc repro` exited {returncode}; {retry}); last output:\n" + "\n".join(tail),
+                       stage=stage, error=error, log_file=log.file, seconds=seconds, kind=kind)
 
 
 def _shown(path: Path, root: str | Path) -> str:
@@ -169,9 +192,11 @@ def open_parent(experiment: str, run_name: str, tags: dict[str, str], params: di
     import mlflow
 
     exp_id = tracking.setup(experiment)
+    tracking.close_orphans(exp_id)  # the parent and stages of a run killed earlier
     client = mlflow.MlflowClient(tracking.tracking_uri())
     run = client.create_run(exp_id, run_name=run_name, tags={
-        "pipeline.parent": "true", "pipeline.launcher": "prefect", "git_commit": tracking.git_commit(), **tags})
+        "pipeline.parent": "true", "pipeline.launcher": "prefect", "git_commit": tracking.git_commit(),
+        **tracking.owner_tags(), **tags})
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value)[:6000])
     return ParentRun(run.info.run_id, exp_id, experiment)
@@ -241,7 +266,8 @@ def finish(root: Path, parent: ParentRun, title: str, results: list[dict[str, An
     metrics_dir, gguf_dir = declared_path(root, "metrics"), declared_path(root, "gguf")
     status = f"failed at {results[-1]['stage']}" if failed else "finished"
     files = write_report(root, parent, title, status, results, note)
-    close_parent(parent, "FAILED" if failed else "FINISHED", metrics_dir)
+    close_parent(parent, "KILLED" if isinstance(failed, KeyboardInterrupt) else "FAILED" if failed else "FINISHED",
+                 metrics_dir)
     publish(root, title, status, parent.link, results, note=f"```\n{failed}\n```" if failed else note,
             report_files=files)
     paths = {"report": _shown(files.html, root) if files else "not written (see the warning above)",
@@ -254,12 +280,15 @@ def finish(root: Path, parent: ParentRun, title: str, results: list[dict[str, An
 
 # ------------------------------------------------------------------ the run
 def run_stages(root: Path, order: list[str], params: Params, parent: ParentRun, title: str,
-               note: str = "") -> list[dict[str, Any]]:
-    """Run the stages in order under one MLflow parent; close it, report and summarise either way."""
+               note: str = "", guard: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run the stages in order under one MLflow parent; close it, report and summarise either way.
+
+    guard: called with each stage's name before it runs; what it raises stops the run there."""
     logger = get_run_logger()
     retries = params.flow.retries
     stage_task = run_stage.with_options(
-        retries=retries, retry_delay_seconds=exponential_backoff(params.flow.retry_delay_seconds) if retries else 0)
+        retries=retries, retry_delay_seconds=exponential_backoff(params.flow.retry_delay_seconds) if retries else 0,
+        retry_condition_fn=retry_unless_check)
     results: list[dict[str, Any]] = []
     logger.info(f"stages: {' -> '.join(order)}; MLflow parent run {parent.run_id} in experiment {parent.experiment!r}")
     logs = log_dir(root)
@@ -267,6 +296,8 @@ def run_stages(root: Path, order: list[str], params: Params, parent: ParentRun, 
     CONSOLE.plan(order, logs)
     for stage in order:
         try:
+            if guard:
+                guard(stage)
             results.append(stage_task(str(root), stage, parent.env()))
         except BaseException as err:
             failed = err if isinstance(err, StageFailed) else None
@@ -290,8 +321,10 @@ def pipeline(preset: str | None = None, overrides: dict[str, Any] | None = None,
     """
     logger = get_run_logger()
     repo = Path(root) if root else ROOT
-    resolve_params(repo, preset, overrides)  # a bad preset or override fails here, before anything runs
     order = stage_order(repo, stages)
+    # A bad preset, override or params value fails here, before DVC deletes any output.
+    for warning in check(resolve_params(repo, preset, overrides), repo, order):
+        logger.warning(warning)
     with workspace_lock(repo, lock_timeout, logger.info):
         params = write_params(repo, preset, overrides)
         experiment = experiment or params.project.name
@@ -317,11 +350,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.overrides)
-        # Fail in seconds, before Prefect starts a server: bad params, GPU-only settings without a GPU.
-        check_runtime(resolve_params(ROOT, args.preset, overrides))
-    except ParamsError as err:
+        # Fail in seconds, before Prefect starts a server and before DVC deletes any output.
+        check(resolve_params(ROOT, args.preset, overrides), ROOT, stage_order(ROOT, args.stages))
+    except (*CHECK_ERRORS, ValueError) as err:  # ValueError: an unknown stage name
         fix = fix_for(str(err), ROOT)
-        raise SystemExit(f"error: {err}" + (f"\n  fix: {fix}" if fix else "")) from None
+        raise SystemExit(f"error: {type(err).__name__}: {err}\nNothing was run; no output was touched."
+                         + (f"\n  fix: {fix}" if fix else "")) from None
     CONSOLE.set_verbose(args.verbose)
     try:
         pipeline(preset=args.preset, overrides=overrides or None, experiment=args.experiment, stages=args.stages,

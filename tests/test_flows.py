@@ -317,7 +317,7 @@ def test_continuous_ticks_train_once_per_new_data(harness, tmp_path, experiment)
         "prepare": copy_stage("src.txt", "data/prepared/train.txt"),
         "grpo": {"cmd": "python step.py train", "deps": ["data/prepared/train.txt"],
                  "params": ["grpo.max_steps"], "outs": ["models/grpo"]},
-    }, params={"grpo": {"max_steps": 10}, "flow": {"continuous_steps": 5}})
+    }, params={"model": {"name_or_path": "tiny"}, "grpo": {"max_steps": 10}, "flow": {"continuous_steps": 5}})
     tick = {"root": str(repo), "experiment": experiment, "train_targets": ["grpo"]}
 
     first = continuous(**tick)

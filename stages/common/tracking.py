@@ -7,6 +7,11 @@ Nesting: every stage run is a child of one pipeline run. The Prefect flow passes
 in PIPELINE_PARENT_RUN_ID; under a plain `dvc repro` the first stage creates a parent for
 that `dvc` process and the later stages find it by tag. A stage run by hand stands alone.
 
+Runs a kill leaves open: every run is tagged with its owner process (pipeline.host, .pid,
+.pid_started); each stage start and each flow start closes the runs of its experiment whose
+process on this host has ended (close_orphans): a killed stage or flow as KILLED, a `dvc repro`
+parent (which nothing else closes) as FAILED, KILLED or FINISHED after its children.
+
 Outages of a tracking server: a stage that cannot reach it at the start fails in seconds,
 before any work (TrackingUnavailable); once the work is done, a failed metrics log or end of
 run only warns (tolerate_outage), so a finished stage keeps its outputs. Credentials
@@ -21,6 +26,7 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -187,8 +193,68 @@ def tag_active_run(tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
 
 
-def _dvc_session() -> str | None:
-    """An id for the `dvc repro` process we run under (None when not under DVC)."""
+# ------------------------------------------------------------------ runs a kill left open
+def owner_tags(pid: int | None = None) -> dict[str, str]:
+    """Tags naming the process that owns a run (default: this one), so that a later start on the
+    same host can tell a run whose process has died from one still going."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(proc.pid),
+            "pipeline.pid_started": f"{proc.create_time():.2f}"}
+
+
+def _owner_gone(tags: dict[str, str]) -> bool:
+    """True when the run's owner process, on this host, no longer exists (or its pid was reused)."""
+    import psutil
+
+    try:
+        return abs(psutil.Process(int(tags["pipeline.pid"])).create_time() - float(tags["pipeline.pid_started"])) > 0.5
+    except psutil.NoSuchProcess:
+        return True
+    except (KeyError, ValueError, psutil.Error):
+        return False
+
+
+def _closing_status(run: Any, children: list[Any]) -> str:
+    """A `dvc repro` parent ends when dvc does, never closed by anyone: its children say how it went.
+    Any other run still RUNNING without its process was killed."""
+    if run.data.tags.get("pipeline.launcher") != "dvc repro":
+        return "KILLED"
+    statuses = {c.info.status for c in children}
+    return "FAILED" if "FAILED" in statuses else "KILLED" if statuses & {"KILLED", "RUNNING"} else "FINISHED"
+
+
+def close_orphans(exp_id: str) -> list[tuple[str, str]]:
+    """Close the runs of this experiment left RUNNING by a process on this host that has ended (a
+    killed flow, stage or `dvc repro`, a finished `dvc repro` whose parent nobody closes): stage
+    runs first as KILLED, then parents as _closing_status says. Returns [(run id, status)].
+    Runs started on other hosts are left alone: their processes cannot be seen from here."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    running = client.search_runs([exp_id], f"attributes.status = 'RUNNING' and tags.`pipeline.host` = '{socket.gethostname()}'",
+                                 max_results=1000)
+    orphans = [r for r in running if _owner_gone(r.data.tags)]
+    orphans.sort(key=lambda r: r.data.tags.get("pipeline.parent") == "true")  # children first
+    closed = []
+    for run in orphans:
+        status = "KILLED"
+        if run.data.tags.get("pipeline.parent") == "true":
+            children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", max_results=1000)
+            status = _closing_status(run, children)
+        client.set_tag(run.info.run_id, "pipeline.closed_by",
+                       f"a later start: process {run.data.tags['pipeline.pid']} on {run.data.tags['pipeline.host']} had ended")
+        client.set_terminated(run.info.run_id, status=status)
+        closed.append((run.info.run_id, status))
+        log.warning("MLflow run %s (%s) was left RUNNING by a process that has ended; closed as %s",
+                    run.info.run_id, run.data.tags.get("mlflow.runName", "?"), status)
+    return closed
+
+
+# ------------------------------------------------------------------ the parent run
+def _dvc_process() -> Any | None:
+    """The `dvc repro` process we run under (None when not under DVC)."""
     try:
         import psutil
     except ImportError:
@@ -200,7 +266,7 @@ def _dvc_session() -> str | None:
         except psutil.Error:
             return None
         if "dvc" in Path(proc.cmdline()[0]).name or " -m dvc" in cmd or "/dvc " in cmd + " ":
-            return f"{proc.pid}-{int(proc.create_time())}"
+            return proc
         proc = proc.parent()
     return None
 
@@ -210,37 +276,61 @@ def _parent_run_id(exp_id: str) -> str | None:
 
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    session = _dvc_session()
-    if session is None:
+    dvc = _dvc_process()
+    if dvc is None:
         return None
+    session = f"{dvc.pid}-{int(dvc.create_time())}"
     client = mlflow.MlflowClient()
     found = client.search_runs([exp_id], f"tags.`pipeline.session` = '{session}'", max_results=1)
     if found:
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name="dvc-repro", tags={
         "pipeline.session": session, "pipeline.parent": "true", "pipeline.launcher": "dvc repro",
-        "git_commit": git_commit()})
+        "git_commit": git_commit(), **owner_tags(dvc.pid)})
     return run.info.run_id
+
+
+def _resume_links(client: Any, resumes: str) -> dict[str, str]:
+    """Tags linking a resumed stage's new run to the run it continues (and that run's parent)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        old = client.get_run(resumes)
+    except MlflowException:  # not in this store (another tracking URI, a deleted run): link the id only
+        return {"pipeline.resumes_run_id": resumes}
+    return {"pipeline.resumes_run_id": resumes,
+            "pipeline.resumes_parent_run_id": old.data.tags.get("mlflow.parentRunId", "")}
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = None,
-              resume_run_id: str | None = None, section: str | None = None) -> Iterator[Any]:
+              resume_run_id: str | None = None, section: str | None = None,
+              resumes: str | None = None) -> Iterator[Any]:
     """Open the MLflow run of one stage execution: nested, tagged, its params section logged
-    (`section`, default the stage's name: evaluate_base reads `evaluate`, register `registry`)."""
+    (`section`, default the stage's name: evaluate_base reads `evaluate`, register `registry`).
+
+    Runs that a killed process left RUNNING are closed first (close_orphans). resumes: the run
+    of an earlier execution this one continues (a resumed checkpoint): the new run is a child of
+    the current parent, tagged pipeline.resumes_run_id / pipeline.resumes_parent_run_id, and the
+    old run gets pipeline.resumed_by_run_id. resume_run_id reopens that run itself instead."""
     import mlflow
 
     # The flow may name another experiment (--experiment); the stages follow it.
     exp_id = _connect(stage, os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.project.name)
+    close_orphans(exp_id)
     mlflow.enable_system_metrics_logging()
     mlflow.set_system_metrics_sampling_interval(5)
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
     else:
+        client = mlflow.MlflowClient(tracking_uri())
+        links = _resume_links(client, resumes) if resumes else {}
         parent = _parent_run_id(exp_id)
         run = mlflow.start_run(run_name=stage, parent_run_id=parent, log_system_metrics=True, tags={
             "stage": stage, "git_commit": git_commit(), "inputs_digest": inputs_digest(stage),
-            **(extra_tags or {})})
+            **owner_tags(), **links, **(extra_tags or {})})
+        if "pipeline.resumes_parent_run_id" in links:
+            client.set_tag(resumes, "pipeline.resumed_by_run_id", run.info.run_id)
         name = section or stage
         logged = {"project": params.project.model_dump(), "model": params.model.model_dump()}
         if getattr(params, name, None) is not None:
@@ -248,6 +338,9 @@ def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = No
         mlflow.log_params({k: str(v)[:6000] for k, v in flatten(logged).items()})
     try:
         yield run
+    except KeyboardInterrupt:
+        _end_run(run.info.run_id, "KILLED")
+        raise
     except BaseException:
         _end_run(run.info.run_id, "FAILED")
         raise
