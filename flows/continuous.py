@@ -9,13 +9,19 @@ A tick:
    source data, its code or params changed) or its outputs' md5 in dvc.lock differ from the ones
    the last training tick recorded in the state file (checkpoints/continuous.json, beside the
    GRPO checkpoints); with a `step_budget`, steps left under the budget are work too;
-3. work: grpo.max_steps += flow.continuous_steps (capped at the budget) is written to
-   params.yaml, then the train stages (grpo, evaluate, register and what they depend on) run
-   under one MLflow parent, exactly as in flows/pipeline.py. checkpoints/grpo is a persistent
-   DVC out, so the grpo stage resumes from its last checkpoint and trains only the added steps,
-   its data loader continuing past the prompts already used; the state file then records the
-   data's md5;
+3. work: the params with grpo.max_steps += flow.continuous_steps (capped at the budget) are
+   checked as the pipeline checks them (stages/check.py) and written to params.yaml, then the
+   train stages (grpo, evaluate, register and what they depend on) run under one MLflow parent,
+   exactly as in flows/pipeline.py. checkpoints/grpo is a persistent DVC out, so the grpo stage
+   resumes from its last checkpoint and trains only the added steps (which prompts it takes next
+   is the grpo stage's business); the state file then records the data's md5;
 4. no work: no stage and no MLflow run; the log and the `continuous-tick` artifact say why.
+
+A resume must not continue a checkpoint on a base model rebuilt under it: the tiny model
+(`model.name_or_path: tiny`) is built from the prepared data (its tokenizer is trained on it),
+so when new data would rebuild it while checkpoints/grpo holds a checkpoint, the tick stops
+before base_model runs (ResumeRefused, the flow run fails with the reason): the new data is
+prepared, nothing else changes. A hub or local base model does not depend on the data.
 
 The first tick (no state file) counts as new data. Two ticks with no new data train nothing.
 """
@@ -39,7 +45,8 @@ from prefect.runtime import flow_run
 from flows.pipeline import flow_tags, open_parent, run_stages
 from flows.workspace import (WorkspaceBusy, declared_path, locked_outs_digest, resolve_params, stage_order,
                              workspace_lock, write_params)
-from stages.common.params import ROOT
+from stages.check import check
+from stages.common.params import ROOT, Params
 
 TRAIN_TARGETS = ["grpo", "evaluate", "register"]
 
@@ -78,6 +85,30 @@ def read_state(file: Path) -> dict[str, Any]:
         raise ValueError(f"{file}: not valid JSON ({err}); delete it to start continuous training afresh") from None
 
 
+class ResumeRefused(RuntimeError):
+    """New data would rebuild the model a GRPO checkpoint was trained on."""
+
+
+def has_checkpoint(ckpt_dir: Path) -> bool:
+    return any(ckpt_dir.glob("checkpoint-*"))
+
+
+def base_rebuild_guard(repo: Path, params: Params, ckpt_dir: Path, base_stage: str = "base_model"):
+    """A run_stages guard: stop before `base_stage` rebuilds the tiny base model (built from the
+    prepared data) under a GRPO checkpoint that would then resume on it."""
+    def guard(stage: str) -> None:
+        if stage != base_stage or params.model.name_or_path != "tiny" or not has_checkpoint(ckpt_dir):
+            return
+        if stage_out_of_date(str(repo), stage):
+            raise ResumeRefused(
+                f"refused to resume GRPO: the data changed, and the tiny base model is built from the prepared data "
+                f"(its tokenizer is trained on it), so stage {stage} would rebuild it under the checkpoints in "
+                f"{ckpt_dir}, which were trained on the current one. The new data is prepared; nothing else changed. "
+                f"To train on it from a new base model, delete {ckpt_dir} (models/grpo stays in DVC's cache) and "
+                "run again; or use a hub or local base model, which does not depend on the data.")
+    return guard
+
+
 @task(task_run_name="dvc status {stage}", cache_policy=NO_CACHE)
 def stage_out_of_date(root: str, stage: str) -> bool:
     """`dvc status <stage>`: True if DVC would re-run it."""
@@ -105,7 +136,8 @@ def continuous(experiment: str | None = None, train_targets: list[str] | None = 
     repo = Path(root) if root else ROOT
     params = resolve_params(repo)
     order = stage_order(repo, train_targets or TRAIN_TARGETS)
-    state_file = declared_path(repo, "grpo_checkpoints").parent / "continuous.json"
+    ckpt_dir = declared_path(repo, "grpo_checkpoints")
+    state_file = ckpt_dir.parent / "continuous.json"
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(workspace_lock(repo, lock_timeout, get_run_logger().info))
@@ -120,11 +152,20 @@ def continuous(experiment: str | None = None, train_targets: list[str] | None = 
             _report(decision.reason)
             return {"trained": False, "reason": decision.reason}
         _report(f"training: {decision.reason}")
-        params = write_params(repo, None, {"grpo.max_steps": decision.max_steps})
+        steps = {"grpo.max_steps": decision.max_steps}
+        for warning in check(resolve_params(repo, None, steps), repo, order):
+            get_run_logger().warning(warning)
+        params_text = (repo / "params.yaml").read_text()
+        params = write_params(repo, None, steps)
         experiment = experiment or params.project.name
         parent = open_parent(experiment, f"continuous {flow_run.name}", {**flow_tags(), "pipeline.continuous": "true"},
                              {"grpo.max_steps": decision.max_steps, "reason": decision.reason})
-        results = run_stages(repo, order, params, parent, title="Continuous training tick", note=decision.reason)
+        try:
+            results = run_stages(repo, order, params, parent, title="Continuous training tick", note=decision.reason,
+                                 guard=base_rebuild_guard(repo, params, ckpt_dir))
+        except ResumeRefused:
+            (repo / "params.yaml").write_text(params_text)  # nothing was trained: the added steps are not spent
+            raise
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({
             "data_digest": locked_outs_digest(repo, data_stage), "grpo_max_steps": decision.max_steps,

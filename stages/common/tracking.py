@@ -290,29 +290,13 @@ def _parent_run_id(exp_id: str) -> str | None:
     return run.info.run_id
 
 
-def _resume_links(client: Any, resumes: str) -> dict[str, str]:
-    """Tags linking a resumed stage's new run to the run it continues (and that run's parent)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        old = client.get_run(resumes)
-    except MlflowException:  # not in this store (another tracking URI, a deleted run): link the id only
-        return {"pipeline.resumes_run_id": resumes}
-    return {"pipeline.resumes_run_id": resumes,
-            "pipeline.resumes_parent_run_id": old.data.tags.get("mlflow.parentRunId", "")}
-
-
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = None,
-              resume_run_id: str | None = None, section: str | None = None,
-              resumes: str | None = None) -> Iterator[Any]:
+              resume_run_id: str | None = None, section: str | None = None) -> Iterator[Any]:
     """Open the MLflow run of one stage execution: nested, tagged, its params section logged
     (`section`, default the stage's name: evaluate_base reads `evaluate`, register `registry`).
 
-    Runs that a killed process left RUNNING are closed first (close_orphans). resumes: the run
-    of an earlier execution this one continues (a resumed checkpoint): the new run is a child of
-    the current parent, tagged pipeline.resumes_run_id / pipeline.resumes_parent_run_id, and the
-    old run gets pipeline.resumed_by_run_id. resume_run_id reopens that run itself instead."""
+    Runs that a killed process left RUNNING in the experiment are closed first (close_orphans)."""
     import mlflow
 
     # The flow may name another experiment (--experiment); the stages follow it.
@@ -323,14 +307,10 @@ def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = No
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
     else:
-        client = mlflow.MlflowClient(tracking_uri())
-        links = _resume_links(client, resumes) if resumes else {}
         parent = _parent_run_id(exp_id)
         run = mlflow.start_run(run_name=stage, parent_run_id=parent, log_system_metrics=True, tags={
             "stage": stage, "git_commit": git_commit(), "inputs_digest": inputs_digest(stage),
-            **owner_tags(), **links, **(extra_tags or {})})
-        if "pipeline.resumes_parent_run_id" in links:
-            client.set_tag(resumes, "pipeline.resumed_by_run_id", run.info.run_id)
+            **owner_tags(), **(extra_tags or {})})
         name = section or stage
         logged = {"project": params.project.model_dump(), "model": params.model.model_dump()}
         if getattr(params, name, None) is not None:
