@@ -71,6 +71,24 @@ def gguf_files(gguf_dir: Path) -> list[tuple[str, float]]:
     return [(f.name, f.stat().st_size / 2**20) for f in sorted(gguf_dir.glob("*.gguf"))]
 
 
+def data_notes(metrics_dir: Path) -> list[str]:
+    """What was dropped, cut or warned about on the way: over-long questions (prepare), prepare's
+    warnings, prompts lm-eval would left-truncate (evaluate)."""
+    notes = []
+    prepare = read_json(metrics_dir / "prepare.json") or {}
+    long = prepare.get("too_long") or {}
+    if long.get("train") or long.get("test"):
+        notes.append(f"prepare dropped {long.get('train', 0)} training and {long.get('test', 0)} test questions "
+                     f"longer than {long.get('max_question_chars')} characters")
+    notes += [f"prepare: {w}" for w in prepare.get("warnings", [])]
+    for file in ("eval_base.json", "evaluate.json"):
+        for model, section in (read_json(metrics_dir / file) or {}).items():
+            if isinstance(section, dict) and section.get("prompts_truncated"):
+                notes.append(f"evaluate: {section['prompts_truncated']} {model} prompt(s) longer than the model's context "
+                             "were cut by lm-eval (left-truncated)")
+    return notes
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return NA
@@ -95,6 +113,9 @@ def markdown(*, title: str, status: str, metrics_dir: Path, gguf_dir: Path, mlfl
         out += ["## Stages", "", "| stage | result | seconds |", "|---|---|---|"]
         out += [f"| {s['stage']} | {s['result']} | {_fmt(s.get('seconds'))} |" for s in stages]
         out.append("")
+    notes = data_notes(metrics_dir)
+    if notes:
+        out += ["## Dropped or cut", ""] + [f"- {n}" for n in notes] + [""]
     out += [f"## Scores ({dataset(metrics_dir) or 'dataset not recorded'})", "", "| model | strict-match | flexible-extract |", "|---|---|---|"]
     out += [f"| {r['model']} | {r['gsm8k_strict']} | {r['gsm8k_flexible']} |" for r in table_rows(metrics_dir)]
     out += ["", "## Registry decision", ""]

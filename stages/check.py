@@ -7,8 +7,8 @@ seconds and without loading a model, and raises the error the stage itself would
 
 - the typed loader: every key, type and cross-field rule (ParamsError);
 - the machine: CUDA-only options, a hub id while offline (ParamsError, as the stages check);
-- grpo.rewards: every name known, every custom `module.path:function` importable, options valid
-  (RewardConfigError);
+- grpo: the stage's own preflight (stages/grpo.py): every reward name known, every custom
+  `module.path:function` importable, options valid (RewardConfigError), a vLLM server reachable;
 - prepare: the data files read and cleaned as the stage would (DataError for a missing or empty
   file, missing columns, bad rows with on_bad_rows=fail, ...), and the splits it would write
   compared with one batch: GRPO prompts against one generation batch of prompts (the generation
@@ -30,27 +30,26 @@ from pathlib import Path
 from stages.common.params import Params, ParamsError, check_runtime, load_params
 from stages.common.paths import ROOT
 from stages.common.rewards import RewardConfigError
+from stages.common.vllm_server import VLLMServerUnavailable
 from stages.prepare import DataError
 
 # What check() raises: the errors the stages themselves raise on the same inputs.
-CHECK_ERRORS = (ParamsError, RewardConfigError, DataError)
+CHECK_ERRORS = (ParamsError, RewardConfigError, DataError, VLLMServerUnavailable)
 
 # Stages that load a model (the machine check applies) and the stages whose inputs are checked here.
 MODEL_STAGES = {"base_model", "sft", "grpo", "evaluate_base", "evaluate", "merge", "gguf", "register"}
 
 
-def check_rewards(params: Params, root: Path) -> None:
-    """Build the reward functions as grpo will; custom modules are imported from the workspace root."""
-    from stages.common.answer_format import AnswerFormat
-    from stages.common.rewards import build_reward_funcs
+def check_grpo(params: Params, root: Path) -> None:
+    """The grpo stage's own preflight (reward names, custom imports, options, engines, a vLLM server);
+    custom reward modules are imported from the workspace root, as under `dvc repro`."""
+    from stages.grpo import preflight
 
-    g = params.grpo
-    fmt = AnswerFormat(**params.project.answer_format.model_dump())
     added = str(root) not in sys.path
     if added:
         sys.path.insert(0, str(root))
     try:
-        build_reward_funcs(g.rewards, fmt, g.on_reward_error, max_completion_length=g.max_completion_length)
+        preflight(params)
     finally:
         if added:
             sys.path.remove(str(root))
@@ -97,7 +96,7 @@ def check(params: Params, root: Path = ROOT, stages: Iterable[str] | None = None
     if wanted & MODEL_STAGES:
         check_runtime(params)
     if "grpo" in wanted:
-        check_rewards(params, root)
+        check_grpo(params, root)
     return check_data(params, root) if "prepare" in wanted else []
 
 

@@ -298,6 +298,22 @@ def test_summary_renders_scores_registry_and_gguf_files(tmp_path):
     assert "`model-q8_0.gguf` (1.0 MiB)" in text and "| grpo | ran | 1.5000 |" in text
 
 
+def test_summary_says_what_was_dropped_or_cut(tmp_path):
+    (tmp_path / "prepare.json").write_text(json.dumps({
+        "too_long": {"train": 2, "test": 1, "max_question_chars": 4000},
+        "warnings": ["prepare.sft_examples is 256 but only 100 training rows are left after cleaning: 99 become SFT "
+                     "examples and 1 GRPO prompt(s)"]}))
+    (tmp_path / "evaluate.json").write_text(json.dumps({"grpo": {"strict": 0.1, "prompts_truncated": 3},
+                                                        "sft": {"prompts_truncated": 0}}))
+    text = summary.markdown(title="T", status="finished", metrics_dir=tmp_path, gguf_dir=tmp_path, mlflow_link="`abc`")
+    assert "- prepare dropped 2 training and 1 test questions longer than 4000 characters" in text
+    assert "- prepare: prepare.sft_examples is 256 but only 100 training rows" in text
+    assert "- evaluate: 3 grpo prompt(s) longer than the model's context were cut by lm-eval" in text
+    assert "sft prompt" not in text
+    assert "Dropped or cut" not in summary.markdown(title="T", status="finished", metrics_dir=tmp_path / "none",
+                                                     gguf_dir=tmp_path, mlflow_link="`abc`")
+
+
 # ------------------------------------------------------------------ continuous training
 def test_decide_trains_only_on_new_data_or_budget():
     seen = {"data_digest": "d1", "time": "t"}

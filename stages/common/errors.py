@@ -5,10 +5,11 @@ what a retry can fix, so it must know what kind of error ended the stage:
 
 - `check`: the project's own validation and check errors (ParamsError, DataError, RewardConfigError,
   MergeCheckError, EvalError, GGUFCheckError, NonFiniteLossError, ...: every exception class defined
-  in the `stages` package, except TrackingUnavailable) and a state-dict size mismatch. The same
-  inputs fail the same way: the flow fails at once.
-- `transient`: the tracking server could not be reached at the start (TrackingUnavailable), a
-  refused, reset or timed-out connection, a port already in use, anywhere in the error's chain.
+  in the `stages` package, except the two below) and a state-dict size mismatch. The same inputs
+  fail the same way: the flow fails at once.
+- `transient`: the tracking server or a `trl vllm-serve` server could not be reached at the start
+  (TrackingUnavailable, VLLMServerUnavailable), a refused, reset or timed-out connection, a port
+  already in use, anywhere in the error's chain.
 - `unknown`: anything else (a bug, an out-of-memory error). Retried as before: a retried grpo
   stage resumes from its last checkpoint, so a retry costs little and may succeed.
 
@@ -51,8 +52,9 @@ def _module(cls: type) -> str:
 
 def _transient(err: BaseException) -> bool:
     from stages.common.tracking import TrackingUnavailable
+    from stages.common.vllm_server import VLLMServerUnavailable
 
-    if isinstance(err, (TrackingUnavailable, ConnectionError, TimeoutError)):
+    if isinstance(err, (TrackingUnavailable, VLLMServerUnavailable, ConnectionError, TimeoutError)):
         return True
     return isinstance(err, OSError) and err.errno in _NETWORK_ERRNOS
 
