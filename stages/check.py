@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from stages.common.params import Params, ParamsError, check_runtime, load_params
-from stages.common.paths import ROOT
+from stages.common.paths import ROOT, dvc_spec, stage_spec
 from stages.common.rewards import RewardConfigError
 from stages.common.vllm_server import VLLMServerUnavailable
 from stages.prepare import DataError
@@ -36,8 +36,6 @@ from stages.prepare import DataError
 # What check() raises: the errors the stages themselves raise on the same inputs.
 CHECK_ERRORS = (ParamsError, RewardConfigError, DataError, VLLMServerUnavailable)
 
-# Stages that load a model (the machine check applies) and the stages whose inputs are checked here.
-MODEL_STAGES = {"base_model", "sft", "grpo", "evaluate_base", "evaluate", "merge", "gguf", "register"}
 
 
 def check_grpo(params: Params, root: Path) -> None:
@@ -88,12 +86,17 @@ def check_data(params: Params, root: Path) -> list[str]:
     return metrics["warnings"] + problems
 
 
+def loads_a_model(stage: str, root: Path) -> bool:
+    """A stage whose dvc.yaml params include the model section: the machine check applies to it."""
+    declared = [p if isinstance(p, str) else next(iter(p)) for p in stage_spec(stage, root).get("params", [])]
+    return any(p == "model" or p.startswith("model.") for p in declared)
+
+
 def check(params: Params, root: Path = ROOT, stages: Iterable[str] | None = None) -> list[str]:
     """Raise what the stages would raise on these params; return warnings. stages: the stages about
-    to run (default all); names that are not project stages are skipped."""
-    wanted = set(stages) if stages is not None else MODEL_STAGES | {"prepare"}
-    wanted = {name.split(":")[-1] for name in wanted}
-    if wanted & MODEL_STAGES:
+    to run (default: all of root's dvc.yaml)."""
+    wanted = {name.split(":")[-1] for name in (stages if stages is not None else dvc_spec(root).get("stages", {}))}
+    if any(loads_a_model(name, root) for name in wanted):
         check_runtime(params)
     if "grpo" in wanted:
         check_grpo(params, root)

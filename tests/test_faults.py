@@ -47,6 +47,10 @@ def snapshot(repo: Path, names: tuple[str, ...] = OUTPUTS) -> dict[str, str]:
     return out
 
 
+def snapshot_of(full: dict[str, str], prefix: str) -> dict[str, str]:
+    return {name: digest for name, digest in full.items() if name.startswith(prefix)}
+
+
 def run(cmd: list[str], repo: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -96,7 +100,9 @@ BAD_EDITS = {
 @pytest.mark.parametrize("case", list(BAD_EDITS))
 def test_a_bad_params_edit_costs_nothing(workspace, case):
     """`make repro` and the flow stop before DVC runs a stage: every output stays byte-identical,
-    checkpoints/grpo and models/grpo included."""
+    checkpoints/grpo and models/grpo included. A plain `dvc repro` deletes grpo's cached outputs
+    before the stage fails on its own check, which leaves checkpoints/grpo alone; `dvc checkout grpo`
+    then restores the rest."""
     repo, env = workspace
     before, good = snapshot(repo), (repo / "params.yaml").read_text()
     edit, message = BAD_EDITS[case]
@@ -111,6 +117,12 @@ def test_a_bad_params_edit_costs_nothing(workspace, case):
         assert "Running stage" not in make.stdout
         flow = run([PY, "-m", "flows.pipeline"], repo, env)
         assert flow.returncode != 0 and message in flow.stderr, flow.stdout[-2000:] + flow.stderr[-2000:]
+        assert snapshot(repo) == before
+
+        plain = run([PY, "-m", "dvc", "repro", "grpo"], repo, env)
+        assert plain.returncode != 0 and message in plain.stdout + plain.stderr, plain.stderr[-2000:]
+        assert snapshot(repo, ("checkpoints",)) == snapshot_of(before, "checkpoints/")
+        assert run([PY, "-m", "dvc", "checkout", "grpo"], repo, env).returncode == 0
         assert snapshot(repo) == before
     finally:
         (repo / "params.yaml").write_text(good)
