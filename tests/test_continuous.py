@@ -5,7 +5,7 @@
   would rebuild the base model under the checkpoint, so the tick refuses, and nothing but the
   prepared data changes.
 - The real chain against a real `prefect server start` on loopback, in a copy of the repository:
-  a first tick trains GRPO; new rows land in the training file; the next tick resumes GRPO from
+  a first tick trains GRPO; new rows land in data/gsm8k; the next tick resumes GRPO from
   its checkpoint on the new data, evaluates, and goes through the registry gate. The base model is
   a local folder (a saved tiny model), which does not depend on the data.
 """
@@ -101,13 +101,9 @@ def test_new_data_resumes_grpo_then_evaluates_and_gates(prefect_api, tmp_path, b
     from tests.conftest import tiny
 
     repo = copy_repo(tmp_path / "repo")
-    (repo / "data/extra").mkdir(parents=True)
-    (repo / "data/extra/train.jsonl").write_text(_rows(0, 40))
-    (repo / "data/extra/test.jsonl").write_text(_rows(1000, 6))
     params = tiny({
         "model": {"name_or_path": str(base_dir / "model")},  # a local folder: the base does not depend on the data
-        "prepare": {"source": "file", "train_file": "data/extra/train.jsonl", "test_file": "data/extra/test.jsonl",
-                    "sft_examples": 0, "max_train_rows": None},
+        "prepare": {"sft_examples": 0, "max_train_rows": 40},
         "sft": {"enabled": False},
         "grpo": {"max_steps": 0, "save_steps": 1, "log_completions_every": 0},
         "evaluate": {"limit": 4},
@@ -122,12 +118,12 @@ def test_new_data_resumes_grpo_then_evaluates_and_gates(prefect_api, tmp_path, b
     assert (repo / "checkpoints/grpo/checkpoint-2/trainer_state.json").exists()
     base_md5 = _locked_md5(repo, "base_model")
 
-    with (repo / "data/extra/train.jsonl").open("a") as f:
-        f.write(_rows(100, 20))  # new data
+    with (repo / "data/gsm8k/train.jsonl").open("a") as f:  # new data where the data stage reads it (a DVC dep)
+        f.write(_rows(100, 20))
     second = _tick(repo, env)  # grpo, evaluate, register and their upstream stages
     assert second["trained"] and second["max_steps"] == 4, second
     assert "the data stage is out of date" in second["reason"]
-    assert json.loads((repo / "metrics/prepare.json").read_text())["rows_in_train"] == 60
+    assert json.loads((repo / "metrics/prepare.json").read_text())["rows_in_train"] == 7473 + 20
     grpo = json.loads((repo / "metrics/grpo.json").read_text())
     assert (grpo["resumed_from_checkpoint"], grpo["steps"]) == ("checkpoint-2", 4)  # resumed, on the new data
     assert _locked_md5(repo, "base_model") == base_md5  # the base model was not rebuilt under the checkpoint
