@@ -354,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         check(resolve_params(ROOT, args.preset, overrides), ROOT, stage_order(ROOT, args.stages))
     except (*CHECK_ERRORS, ValueError) as err:  # ValueError: an unknown stage name
         fix = fix_for(str(err), ROOT)
-        raise SystemExit(f"error: {type(err).__name__}: {err}\nNothing was run; no output was touched."
-                         + (f"\n  fix: {fix}" if fix else "")) from None
+        raise SystemExit(f"error: {err}" + (f"\n  fix: {fix}" if fix else "")
+                         + "\nNothing was run; no output was touched.") from None
     CONSOLE.set_verbose(args.verbose)
     try:
         pipeline(preset=args.preset, overrides=overrides or None, experiment=args.experiment, stages=args.stages,
