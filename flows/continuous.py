@@ -9,12 +9,14 @@ A tick:
    source data, its code or params changed) or its outputs' md5 in dvc.lock differ from the ones
    the last training tick recorded in the state file (checkpoints/continuous.json, beside the
    GRPO checkpoints); with a `step_budget`, steps left under the budget are work too;
-3. work: the params with grpo.max_steps += flow.continuous_steps (capped at the budget) are
-   checked as the pipeline checks them (stages/check.py) and written to params.yaml, then the
-   train stages (grpo, evaluate, register and what they depend on) run under one MLflow parent,
-   exactly as in flows/pipeline.py. checkpoints/grpo is a persistent DVC out, so the grpo stage
-   resumes from its last checkpoint and trains only the added steps (which prompts it takes next
-   is the grpo stage's business); the state file then records the data's md5;
+3. work: the params with grpo.max_steps += flow.continuous_steps (capped at the budget) and
+   grpo.continue_on_new_prompts on are checked as the pipeline checks them (stages/check.py) and
+   written to params.yaml, then the train stages (grpo, evaluate, register and what they depend
+   on) run under one MLflow parent, exactly as in flows/pipeline.py. checkpoints/grpo is a
+   persistent DVC out, so the grpo stage resumes from its last checkpoint, on the new prompts when
+   only the prompts changed (unseen ones first, the learning-rate schedule continuing: see
+   stages/common/checkpoints.py), and trains the added steps; the state file then records the
+   data's md5;
 4. no work: no stage and no MLflow run; the log and the `continuous-tick` artifact say why.
 
 A resume must not continue a checkpoint on a base model rebuilt under it: the tiny model
@@ -152,7 +154,8 @@ def continuous(experiment: str | None = None, train_targets: list[str] | None = 
             _report(decision.reason)
             return {"trained": False, "reason": decision.reason}
         _report(f"training: {decision.reason}")
-        steps = {"grpo.max_steps": decision.max_steps}
+        # continue_on_new_prompts: the grpo stage resumes across new prompts (unseen ones first).
+        steps = {"grpo.max_steps": decision.max_steps, "grpo.continue_on_new_prompts": True}
         for warning in check(resolve_params(repo, None, steps), repo, order):
             get_run_logger().warning(warning)
         params_text = (repo / "params.yaml").read_text()

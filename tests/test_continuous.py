@@ -126,6 +126,7 @@ def test_new_data_resumes_grpo_then_evaluates_and_gates(prefect_api, tmp_path, b
     assert json.loads((repo / "metrics/prepare.json").read_text())["rows_in_train"] == 7473 + 20
     grpo = json.loads((repo / "metrics/grpo.json").read_text())
     assert (grpo["resumed_from_checkpoint"], grpo["steps"]) == ("checkpoint-2", 4)  # resumed, on the new data
+    assert grpo["prompts_not_trained_before"] > 0  # and the prompts it had not seen came first
     assert _locked_md5(repo, "base_model") == base_md5  # the base model was not rebuilt under the checkpoint
     scores = json.loads((repo / "metrics/evaluate.json").read_text())
     assert scores["grpo"]["evaluated"] == 1 and scores["grpo"]["n"] == 4

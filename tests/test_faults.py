@@ -131,7 +131,7 @@ def test_a_bad_params_edit_costs_nothing(workspace, case):
 # ------------------------------------------------------------------ kills
 def test_stage_killed_under_dvc_repro_is_undone_by_dvc_checkout_and_resumes(workspace):
     """SIGKILL of `dvc repro grpo` mid-training: DVC had deleted models/grpo, metrics/grpo.json and
-    the plots; `dvc checkout grpo` brings them back byte-identical; the next run resumes from the newest
+    the plots; `dvc checkout <those paths>` brings them back byte-identical; the next run resumes from the newest
     checkpoint, and the killed runs are closed in MLflow."""
     import mlflow
 
@@ -142,7 +142,9 @@ def test_stage_killed_under_dvc_repro_is_undone_by_dvc_checkout_and_resumes(work
                         repo / "checkpoints/grpo/checkpoint-8/trainer_state.json", repo.parent / "killed-repro.log")
     assert not (repo / "models/grpo").exists() and not (repo / "metrics/grpo.json").exists()
 
-    checkout = run([PY, "-m", "dvc", "checkout", "grpo"], repo, env)
+    # By path: `dvc checkout grpo` would also roll checkpoints/grpo back (it refuses without --force).
+    checkout = run([PY, "-m", "dvc", "checkout", "models/grpo", "metrics/grpo.json", "plots/grpo_rewards.csv",
+                    "plots/grpo_rewards.png"], repo, env)
     assert checkout.returncode == 0, checkout.stderr[-2000:]
     assert snapshot(repo, ("models/grpo", "metrics/grpo.json", "plots")) == kept
 
