@@ -60,7 +60,8 @@ def connect(token: str):
     try:
         user = api.whoami()
     except OfflineModeIsEnabled as err:
-        raise PublishError(f"HF_HUB_OFFLINE=1 forbids requests to the Hub ({endpoint}); unset it to publish. "
+        raise PublishError(f"HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) forbids requests to the Hub ({endpoint}); "
+                           "unset both to publish. "
                            "Nothing was uploaded.") from err
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"

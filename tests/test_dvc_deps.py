@@ -16,6 +16,7 @@ Three modules are left out: stages/common/params.py (validation of the whole fil
 check_runtime's early refusals) and stages/common/tracking.py (which params to log to MLflow, the
 experiment name) do not shape the outputs; stages/common/checkpoints.py dumps the whole params but
 keeps exactly the keys the stage declares in dvc.yaml. All three are still deps where imported.
+The package's __init__ and stages/common/errors.py (how a process says why it failed) are not.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ from stages.common.params import Params
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("stages", "flows")
 RECORD_KEEPING = {"stages/common/params.py", "stages/common/tracking.py", "stages/common/checkpoints.py"}
+# How a process reports the way it ended (stages/__init__.py installs the error classifier): it
+# shapes no output, so neither it nor what it imports is a dep (a stage that imports those
+# modules itself, as grpo does vllm_server, still needs them).
+PROCESS_PLUMBING = {"stages", "stages.common.errors"}
 
 
 # ------------------------------------------------------------------ dvc.yaml, as DVC reads it
@@ -100,8 +105,9 @@ def import_closure(module: str) -> frozenset[Path]:
         if name in seen:
             continue
         seen.add(name)
-        todo += imported_modules(module_file(name)) - seen
-    files = {module_file(m) for m in seen}
+        if name not in PROCESS_PLUMBING:
+            todo += imported_modules(module_file(name)) - seen
+    files = {module_file(m) for m in seen - PROCESS_PLUMBING}
     return frozenset(f for f in files if not is_empty_package(f))
 
 

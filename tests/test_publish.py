@@ -43,7 +43,8 @@ def workspace(root: Path, base_dir: Path, prepared_dir: Path, publish: dict) -> 
 def publish_env(root: Path, endpoint: str, token: str | None) -> dict[str, str]:
     env = {**os.environ, "PIPELINE_WORKDIR": str(root), "PIPELINE_MLRUNS_DIR": str(root / "mlruns"),
            "HF_ENDPOINT": endpoint, "HF_HOME": str(root / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID"):
+    # huggingface_hub reads TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE too (CI sets both).
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID"):
         env.pop(name, None)
     if token is not None:
         env["HF_TOKEN"] = token

@@ -72,7 +72,9 @@ def classify(err: BaseException) -> str:
 
 
 def describe(err: BaseException) -> dict[str, str]:
-    return {"kind": classify(err), "error": f"{_module(type(err))}.{type(err).__qualname__}", "message": str(err)}
+    module, name = _module(type(err)), type(err).__qualname__
+    # Python's own errors read as people write them: ConnectionError, not builtins.ConnectionError.
+    return {"kind": classify(err), "error": name if module == "builtins" else f"{module}.{name}", "message": str(err)}
 
 
 def read(file: Path) -> dict[str, str] | None:
