@@ -58,20 +58,14 @@ class RewardError(RuntimeError):
 
 # --------------------------------------------------------------------------- parsing helpers
 def _exact_decimals(digits: int) -> AbstractContextManager:
-    """A decimal context wide enough for `digits` digits with an unbounded exponent.
-
-    normalize_number works in the thread's decimal context; the default (28 digits) raises
-    InvalidOperation on longer integers and rounds longer decimals (reported against
-    answer_format; once it sets its own context this is a no-op). A completion cannot hold a
-    number longer than itself, so its length is always enough.
-    """
+    """A decimal context wide enough for `digits` digits with an unbounded exponent, for the
+    division in _ratio_within (the default context rounds to 28 digits). Parsing needs none:
+    normalize_number builds its Decimals from strings, which is exact at any length."""
     return localcontext(Context(prec=max(28, digits + 2), Emax=MAX_EMAX, Emin=MIN_EMIN))
 
 
 def _parse(completion: object, fmt: AnswerFormat) -> Parsed:
-    text = completion_text(completion)
-    with _exact_decimals(len(text)):
-        return parse(text, fmt)
+    return parse(completion_text(completion), fmt)
 
 
 def _gold(answer: object) -> str:
@@ -79,8 +73,7 @@ def _gold(answer: object) -> str:
     if answer is None:
         raise ValueError("gold answer is None (dataset column 'answer' is empty for this row)")
     text = str(answer)
-    with _exact_decimals(len(text)):
-        gold = extract_gold(text)
+    gold = extract_gold(text)
     if gold is None:
         raise ValueError(f"gold answer {text[-80:]!r} is not a number (dataset column 'answer')")
     return gold
