@@ -22,8 +22,9 @@ repro: install
 	$(PY) -m stages.check
 	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc repro
 
+# The 30 slowest tests are listed at the end (what to look at when the suite gets slow).
 test: install
-	$(PYTEST)
+	$(PYTEST) --durations=30
 
 test-fast: install
 	$(PYTEST) -m "not slow"

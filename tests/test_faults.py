@@ -154,7 +154,7 @@ def test_stage_killed_under_dvc_repro_is_undone_by_dvc_checkout_and_resumes(work
     assert metrics["resumed_from_checkpoint"] in {"checkpoint-8", "checkpoint-10"} and metrics["steps"] == 12
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("gsm8k-grpo")
+    exp = client.get_experiment_by_name(tiny(FAST).project.name)
     parents = client.search_runs([exp.experiment_id], "tags.`pipeline.launcher` = 'dvc repro'", order_by=["start_time ASC"])
     # The first session finished (closed when the next one started), the killed one KILLED, the last still open.
     assert [p.info.status for p in parents] == ["FINISHED", "KILLED", "RUNNING"]
@@ -178,7 +178,7 @@ def test_flow_killed_mid_grpo_is_closed_and_resumed_by_the_next_run(workspace, p
                         repo / "checkpoints/grpo/checkpoint-14/trainer_state.json", tmp_path / "killed-flow.log")
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("gsm8k-grpo")
+    exp = client.get_experiment_by_name(tiny(FAST).project.name)
     (killed,) = client.search_runs([exp.experiment_id], "tags.`pipeline.launcher` = 'prefect'")
     assert killed.info.status == "RUNNING"
 

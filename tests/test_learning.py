@@ -12,13 +12,16 @@ import pytest
 
 from tests.conftest import tiny
 
-# Shorter than presets/learn.yaml: fewer GRPO steps and eval problems, the same recipe.
+# Shorter than presets/learn.yaml: fewer GRPO steps and eval problems, the same recipe and data.
+# Seed 0 primes the model to ~23% (docs/benchmarks.md: GRPO cannot learn from an SFT level near
+# zero; with 3,000 training problems and seed 3407 SFT reached 9% and GRPO gained only 4 points).
 SHORT = {
-    "prepare": {"synthetic": {"train_size": 3000, "test_size": 100}},
+    "project": {"seed": 0}, "sft": {"seed": 0}, "grpo": {"seed": 0},
+    "prepare": {"synthetic": {"test_size": 100}},
     "grpo": {"max_steps": 30, "save_steps": 1000, "log_completions_every": 0, "logging_steps": 5},
     "evaluate": {"limit": 100},
 }
-MIN_GAIN = 0.05  # accuracy points (0-1); the full preset gains far more
+MIN_GAIN = 0.10  # accuracy (0-1); measured 2026-11-30: SFT 23% -> GRPO 43%
 
 
 @pytest.mark.slow
