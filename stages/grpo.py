@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.common import checkpoints, models, tracking
+from stages.common import checkpoints, models, ranks, tracking
 from stages.common.params import Params, check_runtime, load_params
 from stages.common.paths import PATHS, path, write_metrics
 
@@ -111,9 +111,9 @@ def preflight(params: Params):
                                  max_completion_length=g.max_completion_length,
                                  max_error_fraction=g.max_reward_error_fraction)
     if generation == "vllm" and g.vllm_mode == "server":
-        from stages.common.vllm_server import check_health
+        from stages.common.vllm_server import base_url, check_health
 
-        check_health(g.vllm_server_base_url or f"http://{g.vllm_server_host}:{g.vllm_server_port}", g.vllm_server_timeout)
+        check_health(base_url(g), g.vllm_server_timeout)
     return rewards
 
 
@@ -126,11 +126,12 @@ def grpo_config(params: Params, backend: str, generation: str, ckpt_dir: Path, r
 
     from stages.common.training import precision_flags
     from stages.common.trl_args import grpo_kwargs
+    from stages.common.vllm_server import max_model_len
 
     g, m = params.grpo, params.model
     kwargs = grpo_kwargs(g, GRPOConfig, backend)
     kwargs.update(use_vllm=generation == "vllm", vllm_gpu_memory_utilization=m.gpu_memory_utilization,
-                  vllm_max_model_length=g.vllm_max_model_length or g.max_prompt_length + g.max_completion_length)
+                  vllm_max_model_length=max_model_len(g))
     if backend == "unsloth":
         kwargs["vllm_enable_sleep_mode"] = False  # Unsloth's Standby instead (set before its import)
     if in_given_order:
@@ -165,7 +166,8 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
                              "generation_reason": generation_why})
     import_backend(backend, generation, g.vllm_enable_sleep_mode)
     from stages.common import monitoring
-    from stages.common.training import ContinueSchedule, MlflowMetricsCallback, completions_per_step, load_for_training
+    from stages.common.training import (ContinueSchedule, MlflowMetricsCallback, completions_per_step, load_for_training,
+                                         save_trained)
 
     # ---- model: continue from the SFT adapter (or full model) when there is one
     init = sft_dir if sft_dir and ((sft_dir / "adapter_config.json").exists() or (sft_dir / "config.json").exists()) else None
@@ -187,8 +189,13 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     from trl import GRPOTrainer
 
     config = grpo_config(params, backend, generation, ckpt_dir, weights, in_given_order=new_prompts)
-    reference = monitoring.frozen_reference(model) if g.beta == 0 and g.monitor_kl else None
-    monitor = monitoring.MonitorCallback(recorder, params.project.answer_format.build(), monitor_kl=g.beta == 0 and g.monitor_kl,
+    # Several processes: the main one alone measures KL, on its share of the batch; with sharded weights
+    # (ZeRO-3, FSDP) a forward pass needs every rank, so the monitor is off.
+    monitor_kl = g.beta == 0 and g.monitor_kl and not ranks.sharded()
+    if g.beta == 0 and g.monitor_kl and ranks.sharded():
+        print("grpo: the KL monitor is off: the weights are sharded over the processes (launch.config zero3/fsdp2)")
+    reference = monitoring.frozen_reference(model) if monitor_kl and ranks.is_main() else None
+    monitor = monitoring.MonitorCallback(recorder, params.project.answer_format.build(), monitor_kl=monitor_kl,
                                          kl_every=g.monitor_kl_every, completions_every=g.log_completions_every,
                                          reference=reference)
     metrics_cb = MlflowMetricsCallback(completions_per_step=completions_per_step(g), drop_kl=g.beta == 0)
@@ -207,14 +214,13 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
 
-    # ---- save adapter (or full model) + tokenizer, curves
-    if out_dir.exists():
+    # ---- save adapter (or full model) + tokenizer, curves: written by the main process alone
+    if ranks.is_main() and out_dir.exists():
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    trainer.model.save_pretrained(str(out_dir))
-    models.save_tokenizer(tokenizer, out_dir, [Path(models.base_info(base_dir)["tokenizer"])])
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    monitoring.write_curves(metrics_cb.history, reward_names, plots_dir / "grpo_rewards.csv", plots_dir / "grpo_rewards.png")
+    if save_trained(trainer, out_dir):
+        models.save_tokenizer(tokenizer, out_dir, [Path(models.base_info(base_dir)["tokenizer"])])
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        monitoring.write_curves(metrics_cb.history, reward_names, plots_dir / "grpo_rewards.csv", plots_dir / "grpo_rewards.png")
     return {
         "backend": backend, "backend_reason": backend_why, "generation": generation,
         "generation_reason": generation_why, "steps": result.global_step,
@@ -226,33 +232,41 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
 
 
 def train(params: Params) -> dict:
-    """The stage with its edges: checks, resume point, MLflow run, outputs at the declared paths."""
+    """The stage with its edges: checks, resume point, MLflow run, outputs at the declared paths.
+    Several processes (stages/launch.py): each computes the lineage and they must agree; the main
+    process decides the resume point, tracks and writes (stages/common/ranks.py)."""
     import mlflow
 
+    ranks.join()
     preflight(params)  # a bad reward name or a missing server costs nothing already computed
     ckpt_dir, plots_dir = path("grpo_checkpoints"), path("plots")
     prompts_file = path("prepared") / "grpo.parquet"
     prompts_dep = f"{PATHS['prepared']}/grpo.parquet"  # as dvc.yaml names the dep
     current = checkpoints.lineage("grpo", params, RESUMABLE_KEYS, may_change=(prompts_dep,))
-    last, state = checkpoints.resume_point(ckpt_dir, current, say=lambda text: print(f"grpo: {text}"),
-                                           allow_changed=params.grpo.continue_on_new_prompts)
+    ranks.same_everywhere(current["digest"], "the lineage digest of grpo's inputs and params")
+    last, state = ranks.main_decides(checkpoints.resume_point, ckpt_dir, current,
+                                     say=lambda text: print(f"grpo: {text}"),
+                                     allow_changed=params.grpo.continue_on_new_prompts)
     new_prompts = bool(last) and state.get("inputs") != current["inputs"]
     links = {}
     if last:
         print(f"grpo: resuming from {last}")
         links = {"resumed_from": Path(last).name, "resumed_from_run_id": state.get("mlflow_run_id", "")}
     with tracking.stage_run("grpo", params, extra_tags={**links, "lineage_digest": current["digest"]}) as active:
-        if last and state.get("mlflow_run_id"):
-            tracking.mark_killed(state["mlflow_run_id"], f"resumed by run {active.info.run_id}")
-        checkpoints.save_state(ckpt_dir, current, active.info.run_id)
+        if active is not None:  # the main process
+            if last and state.get("mlflow_run_id"):
+                tracking.mark_killed(state["mlflow_run_id"], f"resumed by run {active.info.run_id}")
+            checkpoints.save_state(ckpt_dir, current, active.info.run_id)
         metrics = run(params, prompts_file, path("base_model"), path("sft"), path("grpo"), ckpt_dir, plots_dir,
                       resume_from=last, new_prompts=new_prompts)
         metrics["lineage"] = current
-        tracking.log_metrics(metrics, prefix="final/")
-        with tracking.tolerate_outage("the reward curves were not logged; they are in plots/"):
-            mlflow.log_artifact(str(plots_dir / "grpo_rewards.png"))
-            mlflow.log_artifact(str(plots_dir / "grpo_rewards.csv"))
-    write_metrics("grpo", metrics)
+        if active is not None:
+            tracking.log_metrics(metrics, prefix="final/")
+            with tracking.tolerate_outage("the reward curves were not logged; they are in plots/"):
+                mlflow.log_artifact(str(plots_dir / "grpo_rewards.png"))
+                mlflow.log_artifact(str(plots_dir / "grpo_rewards.csv"))
+    if ranks.is_main():
+        write_metrics("grpo", metrics)
     return metrics
 
 

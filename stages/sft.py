@@ -16,20 +16,24 @@ import shutil
 import time
 from pathlib import Path
 
-from stages.common import models, tracking
+from stages.common import models, ranks, tracking
 from stages.common.params import Params, check_runtime, load_params
 from stages.common.paths import path, write_metrics
 
 SKIPPED = "skipped.json"
 
 
-def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path, callbacks: list | tuple = ()) -> dict:
+    """Train and save; returns the metrics. Several processes: the main one alone writes out_dir.
+    callbacks: extra TrainerCallbacks, run after the stage's own."""
+    if ranks.is_main():
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
     s, m = params.sft, params.model
     if not s.enabled:
-        (out_dir / SKIPPED).write_text(json.dumps({"reason": "sft.enabled is false"}) + "\n")
+        if ranks.is_main():
+            (out_dir / SKIPPED).write_text(json.dumps({"reason": "sft.enabled is false"}) + "\n")
         return {"skipped": True}
 
     check_runtime(params)
@@ -39,7 +43,7 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
     if backend == "unsloth":
         # Before stages.common.training imports transformers and peft: Unsloth patches them on import.
         import unsloth  # noqa: F401
-    from stages.common.training import MlflowMetricsCallback, load_for_training, precision_flags
+    from stages.common.training import MlflowMetricsCallback, load_for_training, precision_flags, save_trained
 
     model, tokenizer = load_for_training(m, base_dir, backend, seed=s.seed)
 
@@ -57,14 +61,14 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
     # Outside trainer/ (deleted below): metrics a vanished tracking server did not take.
     callback = MlflowMetricsCallback(unlogged_file=out_dir / "unlogged_metrics.jsonl")
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[callback])
+                         callbacks=[callback, *callbacks])
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
 
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-    trainer.model.save_pretrained(str(out_dir))
-    models.save_tokenizer(tokenizer, out_dir, [Path(models.base_info(base_dir)["tokenizer"])])
+    if save_trained(trainer, out_dir):
+        shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+        models.save_tokenizer(tokenizer, out_dir, [Path(models.base_info(base_dir)["tokenizer"])])
     losses = [h["loss"] for h in callback.history if "loss" in h]
     return {
         "backend": backend, "backend_reason": why, "steps": result.global_step,
@@ -75,10 +79,13 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path) -> dict:
 
 def main() -> None:
     params = load_params()
-    with tracking.stage_run("sft", params):
+    ranks.join()
+    with tracking.stage_run("sft", params) as active:  # None on all but the main process
         metrics = run(params, path("prepared") / "sft.parquet", path("base_model"), path("sft"))
-        tracking.log_metrics({k: v for k, v in metrics.items() if k != "steps"}, prefix="final/")
-    write_metrics("sft", metrics)
+        if active is not None:
+            tracking.log_metrics({k: v for k, v in metrics.items() if k != "steps"}, prefix="final/")
+    if ranks.is_main():
+        write_metrics("sft", metrics)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ class MonitorCallback(TrainerCallback):
         batch = self.recorder.batch
         if logs is None or not batch or "reward" not in logs:
             return
+        if not state.is_world_process_zero:  # several processes: the main one monitors its share of the batch
+            return
         if self.monitor_kl and model is not None and self._kl_due(state):
             start = time.perf_counter()
             kl = kl_to_reference(model, processing_class, batch["prompts"], batch.get("completion_ids"), self.reference)
@@ -174,13 +176,19 @@ class ConsumedPromptsCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         batch = self.recorder.batch
+        fresh = []
         if batch and batch.get("completions") is not self._batch:
             self._batch = batch.get("completions")
-            self.seen.update(checkpoints.prompt_hash(p) for p in batch["prompts"])
+            fresh = [checkpoints.prompt_hash(p) for p in batch["prompts"]]
+        if args.world_size > 1:  # every process's share of the batch; every process calls this each step
+            from accelerate.utils import gather_object
+
+            fresh = gather_object(fresh)
+        self.seen.update(fresh)
 
     def on_save(self, args, state, control, **kw):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             (folder / checkpoints.CONSUMED).write_text(json.dumps(sorted(self.seen)) + "\n")
 
 

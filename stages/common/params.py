@@ -384,6 +384,68 @@ class FlowParams(Section):
     continuous_steps: int = F(20, "GRPO steps added per continuous-training tick that finds work.", ge=1)
 
 
+# --------------------------------------------------------------------------- launch
+class VLLMServerParams(Section):
+    enabled: bool = F(False, "Start a `trl vllm-serve` server for the grpo stage (`python -m stages.launch grpo`, dvc.yaml's cmd), "
+                      "wait for its /health endpoint, stop it when training ends. Needs grpo.vllm_mode: server; the trainer "
+                      "reaches it at grpo.vllm_server_host/port. Off: start it yourself, e.g. on a separate inference node.")
+    gpus: list[int] = F([0], "GPU indices of this machine the server runs on; tensor_parallel_size x data_parallel_size of them. "
+                        "Training never uses them.", min_length=1)
+    tensor_parallel_size: int = F(1, "GPUs one vLLM engine is split over (for a model too large for one GPU).", ge=1)
+    data_parallel_size: int = F(1, "vLLM engines serving side by side, each on tensor_parallel_size GPUs (more rollout throughput).", ge=1)
+    startup_timeout: float = F(600.0, "Seconds to wait for the server's /health (a fresh engine compiles and captures CUDA graphs: "
+                               "60-110 s measured on an H200).", gt=0)
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "VLLMServerParams":
+        wanted = self.tensor_parallel_size * self.data_parallel_size
+        if len(self.gpus) != wanted or len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"gpus {self.gpus} must name {wanted} different GPUs "
+                             f"(tensor_parallel_size {self.tensor_parallel_size} x data_parallel_size {self.data_parallel_size})")
+        return self
+
+
+class LaunchParams(Section):
+    num_processes: int = F(1, "Training processes over all machines, one per GPU (accelerate's --num_processes). With 1, "
+                           "config ddp and no gpus, `python -m stages.launch` runs the stage as plain `python -m stages.<name>`. "
+                           "Each process trains per_device_train_batch_size completions per micro-batch.", ge=1)
+    num_machines: int = F(1, "Machines taking part; each runs num_processes / num_machines processes.", ge=1)
+    machine_rank: int = F(0, "This machine's rank (0: the main machine, which writes every output). The others pass theirs "
+                          "on the command line: python -m stages.launch grpo --set launch.machine_rank=1", ge=0)
+    main_process_ip: str | None = F(None, "Address of machine 0 that the other machines connect to (needed when num_machines > 1).")
+    main_process_port: int = F(29500, "Port on machine 0 for the process group's rendezvous.", ge=1, le=65535)
+    config: Literal["ddp", "zero2", "zero3", "fsdp2"] = F(
+        "ddp", "Engine: an accelerate config file in recipes/accelerate/. ddp: a full copy of the model per process; zero2: "
+        "DeepSpeed ZeRO-2 (optimizer states and gradients sharded); zero3: ZeRO-3 (weights sharded too); fsdp2: PyTorch FSDP2 "
+        "(weights sharded). zero2/zero3 need `pip install deepspeed`; zero2, zero3 and fsdp2 need CUDA.")
+    gpus: list[int] | None = F(None, "GPU indices of this machine the training processes use (accelerate's --gpu_ids), "
+                               "num_processes / num_machines of them. None: all, minus vllm_server.gpus when it is enabled.")
+    vllm_server: VLLMServerParams = F(VLLMServerParams(), "A `trl vllm-serve` rollout server started around the grpo stage.")
+
+    @model_validator(mode="after")
+    def _layout(self) -> "LaunchParams":
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank ({self.machine_rank}) must be below num_machines ({self.num_machines})")
+        if self.num_processes % self.num_machines:
+            raise ValueError(f"num_processes ({self.num_processes}) must be a multiple of num_machines ({self.num_machines}): "
+                             "every machine runs the same number of processes")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError(f"num_machines is {self.num_machines}: set main_process_ip to machine 0's address")
+        if self.gpus is not None and len(self.gpus) != self.num_processes // self.num_machines:
+            raise ValueError(f"gpus {self.gpus} must name num_processes / num_machines = "
+                             f"{self.num_processes // self.num_machines} GPUs, one per process")
+        if self.vllm_server.enabled and set(self.gpus or []) & set(self.vllm_server.gpus):
+            raise ValueError(f"gpus {self.gpus} and vllm_server.gpus {self.vllm_server.gpus} overlap: training and the "
+                             "rollout server need GPUs of their own")
+        return self
+
+    @property
+    def plain(self) -> bool:
+        """Nothing asked of accelerate: the stage runs as one plain process."""
+        return (self.num_processes == 1 and self.num_machines == 1 and self.config == "ddp" and self.gpus is None
+                and not self.vllm_server.enabled)
+
+
 class Params(Section):
     project: ProjectParams = F(ProjectParams(), "Names, seed and answer format shared by all stages.")
     prepare: PrepareParams = F(PrepareParams(), "Stage prepare: data source and cleaning.")
@@ -396,6 +458,7 @@ class Params(Section):
     registry: RegistryParams = F(RegistryParams(), "Stage register: MLflow model registry and promotion gate.")
     publish: PublishParams = F(PublishParams(), "Stage publish: opt-in push of the models and cards to the Hugging Face Hub.")
     flow: FlowParams = F(FlowParams(), "Prefect orchestration.")
+    launch: LaunchParams = F(LaunchParams(), "How sft and grpo are launched: processes, machines, engine, rollout server.")
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":
@@ -406,6 +469,9 @@ class Params(Section):
                 f"{g.max_prompt_length + g.max_completion_length} exceeds model.max_seq_length = {m.max_seq_length}")
         if m.name_or_path == "tiny" and m.load_in_4bit:
             raise ValueError("model.load_in_4bit is not supported for the tiny model (bitsandbytes needs CUDA and a real checkpoint)")
+        if self.launch.vllm_server.enabled and (g.vllm_mode != "server" or m.generation == "transformers"):
+            raise ValueError(f"launch.vllm_server.enabled starts a rollout server, but grpo.vllm_mode is {g.vllm_mode!r} and "
+                             f"model.generation is {m.generation!r}: set grpo.vllm_mode: server (and model.generation: vllm or auto)")
         return self
 
 

@@ -101,6 +101,18 @@ def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:
                            f"(unexpected keys such as {result.unexpected_keys[:3]}); same model.lora settings?")
 
 
+def save_trained(trainer, out_dir: Path) -> bool:
+    """Save the trained adapter (or full model) to out_dir with Trainer.save_model: every process takes
+    part (ZeRO-3 and FSDP gather the sharded weights), the main process alone writes. The pickled
+    TrainingArguments it adds is removed: the output holds weights and tokenizer. Returns whether
+    this process wrote."""
+    trainer.save_model(str(out_dir))
+    if not trainer.is_world_process_zero():
+        return False
+    (Path(out_dir) / "training_args.bin").unlink(missing_ok=True)
+    return True
+
+
 def memory_metrics() -> dict[str, float]:
     """Peak GPU memory (allocated, reserved) on CUDA, else this process's resident memory."""
     import torch
@@ -203,7 +215,9 @@ class MlflowMetricsCallback(TrainerCallback):
         mean_len = logs.get("completions/mean_length")
         if mean_len is not None and self.completions_per_step and elapsed > 0:
             steps = max(1, args.logging_steps)
-            logs["throughput/generated_tokens_per_s"] = mean_len * self.completions_per_step * steps / elapsed
+            # mean_len is TRL's mean over every process's completions; completions_per_step counts one process's
+            total = mean_len * self.completions_per_step * args.world_size * steps
+            logs["throughput/generated_tokens_per_s"] = total / elapsed
         logs["step_seconds"] = elapsed / max(1, args.logging_steps)
         logs.update(memory_metrics())
         for key, value in logs.items():
