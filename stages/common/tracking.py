@@ -38,8 +38,10 @@ from stages.common.paths import ROOT as WORKSPACE
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
 log = logging.getLogger(__name__)
-# The local store; tests point it elsewhere with PIPELINE_MLRUNS_DIR.
-MLRUNS = Path(os.environ.get("PIPELINE_MLRUNS_DIR") or WORKSPACE / "mlruns")
+# The local store, in the workspace. An experiment DVC runs in a temporary copy of the repository
+# (`dvc exp run --queue` / `--temp`) logs to the store of the repository it was queued from, which DVC
+# names in DVC_ROOT: the copy is deleted afterwards. Tests point it elsewhere with PIPELINE_MLRUNS_DIR.
+MLRUNS = Path(os.environ.get("PIPELINE_MLRUNS_DIR") or Path(os.environ.get("DVC_ROOT") or WORKSPACE) / "mlruns")
 
 
 def tracking_uri() -> str:
@@ -315,8 +317,9 @@ def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = No
         run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
     else:
         parent = _parent_run_id(exp_id)
+        exp_name = {"dvc_exp_name": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}
         run = mlflow.start_run(run_name=stage, parent_run_id=parent, log_system_metrics=True, tags={
-            "stage": stage, "git_commit": git_commit(), "inputs_digest": inputs_digest(stage),
+            "stage": stage, "git_commit": git_commit(), "inputs_digest": inputs_digest(stage), **exp_name,
             **owner_tags(), **(extra_tags or {})})
         name = section or stage
         logged = {"project": params.project.model_dump(), "model": params.model.model_dump()}
