@@ -252,7 +252,8 @@ def train(params: Params) -> dict:
     if last:
         print(f"grpo: resuming from {last}")
         links = {"resumed_from": Path(last).name, "resumed_from_run_id": state.get("mlflow_run_id", "")}
-    with tracking.stage_run("grpo", params, extra_tags={**links, "lineage_digest": current["digest"]}) as active:
+    run_tags = {**links, "lineage_digest": current["digest"]}
+    with ranks.main_only(tracking.stage_run("grpo", params, extra_tags=run_tags)) as active:
         if active is not None:  # the main process
             if last and state.get("mlflow_run_id"):
                 tracking.mark_killed(state["mlflow_run_id"], f"resumed by run {active.info.run_id}")

@@ -80,7 +80,7 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path, callbacks
 def main() -> None:
     params = load_params()
     ranks.join()
-    with tracking.stage_run("sft", params) as active:  # None on all but the main process
+    with ranks.main_only(tracking.stage_run("sft", params)) as active:  # None on all but the main process
         metrics = run(params, path("prepared") / "sft.parquet", path("base_model"), path("sft"))
         if active is not None:
             tracking.log_metrics({k: v for k, v in metrics.items() if k != "steps"}, prefix="final/")

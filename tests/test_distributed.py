@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from stages import launch
-from tests.test_servers import free_port
+from tests.servers import free_port
 from tests.test_training import KILL_RUN, ROOT, _workspace
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,9 @@ check_runtime's early refusals) and stages/common/tracking.py (which params to l
 experiment name) do not shape the outputs; stages/common/checkpoints.py dumps the whole params but
 keeps exactly the keys the stage declares in dvc.yaml. All three are still deps where imported.
 The package's __init__ and stages/common/errors.py (how a process says why it failed) are not.
+stages/launch.py, which places a stage's processes, is left out the same way: of what it reads,
+only launch.num_processes (the global batch) and launch.config (the engine) change what is
+trained, and the last test checks that the stages it runs declare those two.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from stages.common.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("stages", "flows")
-RECORD_KEEPING = {"stages/common/params.py", "stages/common/tracking.py", "stages/common/checkpoints.py"}
+RECORD_KEEPING = {"stages/common/params.py", "stages/common/tracking.py", "stages/common/checkpoints.py",
+                  "stages/launch.py"}
 # How a process reports the way it ended (stages/__init__.py installs the error classifier): it
 # shapes no output, so neither it nor what it imports is a dep (a stage that imports those
 # modules itself, as grpo does vllm_server, still needs them).
@@ -256,10 +260,13 @@ def covered(key: str, declared: list[str], sep: str = ".") -> bool:
 
 
 # ------------------------------------------------------------------ the tests
-def stage_module(cmd: str) -> str:
+def stage_files(cmd: str) -> frozenset[Path]:
+    """The import closure of what a stage command runs: `python -m <module>`, or the launcher
+    `python -m stages.launch <stage>` together with the stage module it hands on (stages.<stage>)."""
     words = cmd.split()
     assert words[:2] == ["python", "-m"], f"stage command {cmd!r} is not `python -m <module>`"
-    return words[2]
+    modules = [words[2]] + ([f"stages.{words[3]}"] if words[2] == "stages.launch" else [])
+    return frozenset().union(*(import_closure(m) for m in modules))
 
 
 STAGES = sorted(dvc_stages())
@@ -268,7 +275,7 @@ STAGES = sorted(dvc_stages())
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_depends_on_every_project_module_it_imports(stage):
     spec = dvc_stages()[stage]
-    files = import_closure(stage_module(spec["cmd"]))
+    files = stage_files(spec["cmd"])
     missing = sorted(f.relative_to(ROOT).as_posix() for f in files
                      if not covered(f.relative_to(ROOT).as_posix(), spec["deps"], sep="/"))
     assert not missing, f"dvc.yaml stage {stage!r} imports {missing} but does not list them under deps"
@@ -277,7 +284,7 @@ def test_stage_depends_on_every_project_module_it_imports(stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_declares_every_params_key_it_reads(stage):
     spec = dvc_stages()[stage]
-    files = import_closure(stage_module(spec["cmd"]))
+    files = stage_files(spec["cmd"])
     used = frozenset().union(*(names_used(f) for f in files))
     reads = {}
     for file in files:
@@ -354,3 +361,10 @@ def test_editing_a_data_file_in_place_reruns_prepare(tmp_path):
     assert "mydata/train.jsonl" in dvc("status", "prepare")
     assert "Running stage 'prepare'" in dvc("repro", "prepare")
     assert prepared_rows() == 70
+
+
+def test_stages_run_through_the_launcher_declare_what_changes_their_result():
+    launched = {stage: spec for stage, spec in dvc_stages().items() if spec["cmd"].split()[2] == "stages.launch"}
+    assert set(launched) == {"sft", "grpo"}
+    for stage, spec in launched.items():
+        assert {"launch.num_processes", "launch.config"} <= set(spec["params"]), stage

@@ -20,7 +20,7 @@ from stages import launch
 from stages.common import vllm_server
 from stages.common.params import ROOT, ParamsError
 from tests.conftest import tiny
-from tests.test_servers import free_port
+from tests.servers import free_port
 
 STANDIN = Path(__file__).with_name("standin_vllm_server.py")
 SERVER = {"grpo": {"vllm_mode": "server"}, "model": {"generation": "vllm"}}

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from tests.test_flows import copy_repo
-from tests.test_servers import BIN, background, client_env, prefect_api  # noqa: F401 - prefect_api is a fixture
+from tests.servers import BIN, background
+from tests.test_servers import client_env, prefect_api  # noqa: F401 - prefect_api is a fixture
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 

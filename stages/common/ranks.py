@@ -12,6 +12,7 @@ before the trainer would create it, so that decisions can be shared before train
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -61,6 +62,12 @@ def join() -> None:
         # setting for the device (read by every PartialState, including the one TrainingArguments makes):
         os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     PartialState(cpu=cpu)
+
+
+def main_only(context: contextlib.AbstractContextManager) -> contextlib.AbstractContextManager:
+    """`context` (e.g. the stage's MLflow run) entered on the main process; on the others a context
+    that yields None and opens nothing."""
+    return context if is_main() else contextlib.nullcontext()
 
 
 def main_decides(decide: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -298,15 +298,8 @@ def stage_run(stage: str, params: Params, extra_tags: dict[str, str] | None = No
     """Open the MLflow run of one stage execution: nested, tagged, its params section logged
     (`section`, default the stage's name: evaluate_base reads `evaluate`, register `registry`).
 
-    Runs that a killed process left RUNNING in the experiment are closed first (close_orphans).
-    A stage run as several processes is tracked by the main one: the others get None."""
+    Runs that a killed process left RUNNING in the experiment are closed first (close_orphans)."""
     import mlflow
-
-    from stages.common import ranks
-
-    if not ranks.is_main():
-        yield None
-        return
 
     # The flow may name another experiment (--experiment); the stages follow it.
     exp_id = _connect(stage, os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.project.name)
