@@ -41,7 +41,7 @@ CHECK_ERRORS = (ParamsError, RewardConfigError, DataError, VLLMServerUnavailable
 def check_grpo(params: Params, root: Path) -> None:
     """The grpo stage's own preflight (reward names, custom imports, options, engines, a vLLM server);
     custom reward modules are imported from the workspace root, as under `dvc repro`."""
-    from stages.grpo import preflight
+    from stages.common.engines import preflight
 
     added = str(root) not in sys.path
     if added:

@@ -24,97 +24,21 @@ Deviations from TRL: TRL 1.14 has no max_prompt_length, so longer prompts are dr
 """
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from stages.common import checkpoints, models, ranks, tracking
-from stages.common.params import Params, check_runtime, load_params
+from stages.common.engines import engines, import_backend, preflight
+from stages.common.params import Params, load_params
+from stages.common.prompts import load_prompts, unseen_first
 from stages.common.paths import PATHS, path, write_metrics
 
 # Keys that may change between a checkpoint and its resume (a longer budget, other logging).
 RESUMABLE_KEYS = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "log_completions_every",
                   "monitor_kl_every", "vllm_server_host", "vllm_server_port", "vllm_server_base_url",
                   "vllm_server_timeout", "vllm_enable_sleep_mode", "continue_on_new_prompts"}
-
-
-# ------------------------------------------------------------------ data
-def load_prompts(file: Path, tokenizer, max_prompt_length: int):
-    """(prompts that fit, how many were dropped as too long, the kept prompts' token counts)."""
-    import datasets
-
-    data = datasets.Dataset.from_parquet(str(file))
-    if len(data) == 0:
-        raise ValueError(f"{file} has no prompts: check the prepare stage's metrics")
-
-    def length(row):
-        text = tokenizer.apply_chat_template(list(row["prompt"]), tokenize=False, add_generation_prompt=True)
-        return {"prompt_tokens": len(tokenizer(text, add_special_tokens=False).input_ids)}
-
-    data = data.map(length)
-    kept = data.filter(lambda r: r["prompt_tokens"] <= max_prompt_length)
-    if len(kept) == 0:
-        raise ValueError(f"all {len(data)} prompts are longer than grpo.max_prompt_length={max_prompt_length} tokens")
-    return kept.remove_columns(["prompt_tokens"]), len(data) - len(kept), kept["prompt_tokens"]
-
-
-def unseen_first(data, trained: set[str], seed: int):
-    """The prompts reordered for continuous training: those not in `trained` (content hashes)
-    first, then the rest, each part shuffled with the seed. (order, how many are unseen)."""
-    import random
-
-    rng = random.Random(seed)
-    fresh, old = [], []
-    for i, prompt in enumerate(data["prompt"]):
-        (old if checkpoints.prompt_hash(prompt) in trained else fresh).append(i)
-    rng.shuffle(fresh), rng.shuffle(old)
-    return data.select(fresh + old), len(fresh)
-
-
-# ------------------------------------------------------------------ checks before anything is touched
-# Measured on the H200 (docs/benchmarks.md, "Unsloth + vLLM"): with rollouts truncated by min_p, top_k
-# or top_p, Unsloth 2026.10.9 scores the trainer over the rollouts' kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT,
-# automatic), and torch.compile traced that scorer for over 4 minutes on step 1 without finishing, in
-# 4 of 4 runs. Plain TRL + vLLM runs the same sampling at the plain script's speed.
-UNSLOTH_TRUNCATED = ("Unsloth's vLLM path cannot take truncated sampling (grpo.min_p/top_k/top_p): its kept-set "
-                     "scorer compiles for minutes (docs/benchmarks.md); using plain TRL + vLLM. For Unsloth's path "
-                     "set grpo.min_p: null, grpo.top_k: null, grpo.top_p: 1.0")
-
-
-def engines(params: Params) -> tuple[tuple[str, str], tuple[str, str]]:
-    """((backend, why), (generation, why)), refusing or replacing combinations that cannot run."""
-    m, g = params.model, params.grpo
-    backend, generation = models.choose_backend(m.backend), models.choose_generation(m.generation)
-    truncated = bool(g.min_p) or bool(g.top_k) or g.top_p < 1.0
-    if generation[0] == "vllm" and backend[0] == "unsloth" and truncated:
-        if m.backend == "unsloth":
-            print(f"grpo: WARNING: model.backend is unsloth, but {UNSLOTH_TRUNCATED}")
-        backend = ("trl", ("fallback: " if m.backend == "unsloth" else "auto: ") + UNSLOTH_TRUNCATED)
-    if generation[0] == "vllm" and g.vllm_mode == "server" and backend[0] == "unsloth":
-        raise ValueError("grpo.vllm_mode: server needs model.backend: trl (Unsloth's vLLM is the colocated "
-                         "fast_inference engine); set model.backend: trl or grpo.vllm_mode: colocate")
-    return backend, generation
-
-
-def preflight(params: Params):
-    """Everything the run needs that can be checked without loading a model: runtime, engines,
-    reward functions (names, custom imports, options), a vLLM server. Returns the reward specs built."""
-    from stages.common.rewards import build_reward_funcs
-
-    check_runtime(params)
-    g = params.grpo
-    (backend, _), (generation, _) = engines(params)
-    rewards = build_reward_funcs(g.rewards, params.project.answer_format.build(), g.on_reward_error,
-                                 max_completion_length=g.max_completion_length,
-                                 max_error_fraction=g.max_reward_error_fraction)
-    if generation == "vllm" and g.vllm_mode == "server":
-        from stages.common.vllm_server import base_url, check_health
-
-        check_health(base_url(g), g.vllm_server_timeout)
-    return rewards
 
 
 # ------------------------------------------------------------------ config
@@ -138,17 +62,6 @@ def grpo_config(params: Params, backend: str, generation: str, ckpt_dir: Path, r
         kwargs.update(shuffle_dataset=False, ignore_data_skip=True)
     return GRPOConfig(output_dir=str(ckpt_dir), report_to="none", reward_weights=reward_weights,
                       save_strategy="steps", use_cpu=not models.has_cuda(), **kwargs, **precision_flags(m.dtype))
-
-
-def import_backend(backend: str, generation: str, standby: bool) -> None:
-    """Unsloth must be imported before transformers/peft/trl, with its Standby switch already set."""
-    if backend != "unsloth":
-        return
-    wanted = "1" if generation == "vllm" and standby else "0"
-    if "unsloth" in sys.modules and os.environ.get("UNSLOTH_VLLM_STANDBY", "0") != wanted:
-        print(f"grpo: warning: unsloth was imported before the stage; UNSLOTH_VLLM_STANDBY={wanted} may not take effect")
-    os.environ["UNSLOTH_VLLM_STANDBY"] = wanted
-    import unsloth  # noqa: F401
 
 
 # ------------------------------------------------------------------ the stage

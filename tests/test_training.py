@@ -217,24 +217,23 @@ def test_changed_inputs_start_fresh_and_keep_the_old_checkpoints(tmp_path, prepa
 def test_unsloth_vllm_with_truncated_sampling_falls_back_to_trl_loudly(monkeypatch, capsys):
     """Test double for the hardware: this machine has no CUDA, so the backend and engine choices
     are stubbed as a GPU machine with Unsloth and vLLM would make them."""
-    from stages import grpo
-    from stages.common import models
+    from stages.common import engines, models
 
     monkeypatch.setattr(models, "choose_backend", lambda requested: ("unsloth", "requested"))
     monkeypatch.setattr(models, "choose_generation", lambda requested: ("vllm", "requested"))
     explicit = tiny({"model": {"backend": "unsloth", "generation": "vllm"}, "grpo": {"min_p": 0.1}})
-    (backend, why), (generation, _) = grpo.engines(explicit)
+    (backend, why), (generation, _) = engines.engines(explicit)
     assert (backend, generation) == ("trl", "vllm") and why.startswith("fallback:") and "min_p" in why
     assert "WARNING" in capsys.readouterr().out
     auto = tiny({"model": {"backend": "auto", "generation": "vllm"}, "grpo": {"min_p": None, "top_k": 20}})
-    assert grpo.engines(auto)[0][0] == "trl"
+    assert engines.engines(auto)[0][0] == "trl"
     full_vocabulary = tiny({"model": {"backend": "unsloth", "generation": "vllm"},
                             "grpo": {"min_p": None, "top_k": None, "top_p": 1.0}})
-    assert grpo.engines(full_vocabulary)[0] == ("unsloth", "requested")
+    assert engines.engines(full_vocabulary)[0] == ("unsloth", "requested")
     server = tiny({"model": {"backend": "unsloth", "generation": "vllm"},
                    "grpo": {"min_p": None, "vllm_mode": "server"}})
     with pytest.raises(ValueError, match="vllm_mode: server needs model.backend: trl"):
-        grpo.engines(server)
+        engines.engines(server)
 
 
 @pytest.mark.slow

@@ -1,0 +1,67 @@
+"""Which engines a GRPO run uses, and what is checked before anything is touched.
+
+- engines: the backend (Unsloth or plain TRL) and the rollout engine (vLLM or transformers
+  generate), with the combinations that cannot run replaced (loudly) or refused.
+- preflight: runtime, engines, reward functions and a vLLM server, checked without loading a
+  model (the grpo stage and stages/check.py both call it).
+- import_backend: Unsloth imported first, with its Standby switch set.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from stages.common import models
+from stages.common.params import Params, check_runtime
+
+# Measured on the H200 (docs/benchmarks.md, "Unsloth + vLLM"): with rollouts truncated by min_p, top_k
+# or top_p, Unsloth 2026.10.9 scores the trainer over the rollouts' kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT,
+# automatic), and torch.compile traced that scorer for over 4 minutes on step 1 without finishing, in
+# 4 of 4 runs. Plain TRL + vLLM runs the same sampling at the plain script's speed.
+UNSLOTH_TRUNCATED = ("Unsloth's vLLM path cannot take truncated sampling (grpo.min_p/top_k/top_p): its kept-set "
+                     "scorer compiles for minutes (docs/benchmarks.md); using plain TRL + vLLM. For Unsloth's path "
+                     "set grpo.min_p: null, grpo.top_k: null, grpo.top_p: 1.0")
+
+
+def engines(params: Params) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((backend, why), (generation, why)), refusing or replacing combinations that cannot run."""
+    m, g = params.model, params.grpo
+    backend, generation = models.choose_backend(m.backend), models.choose_generation(m.generation)
+    truncated = bool(g.min_p) or bool(g.top_k) or g.top_p < 1.0
+    if generation[0] == "vllm" and backend[0] == "unsloth" and truncated:
+        if m.backend == "unsloth":
+            print(f"grpo: WARNING: model.backend is unsloth, but {UNSLOTH_TRUNCATED}")
+        backend = ("trl", ("fallback: " if m.backend == "unsloth" else "auto: ") + UNSLOTH_TRUNCATED)
+    if generation[0] == "vllm" and g.vllm_mode == "server" and backend[0] == "unsloth":
+        raise ValueError("grpo.vllm_mode: server needs model.backend: trl (Unsloth's vLLM is the colocated "
+                         "fast_inference engine); set model.backend: trl or grpo.vllm_mode: colocate")
+    return backend, generation
+
+
+def preflight(params: Params):
+    """Everything the run needs that can be checked without loading a model: runtime, engines,
+    reward functions (names, custom imports, options), a vLLM server. Returns the reward specs built."""
+    from stages.common.rewards import build_reward_funcs
+
+    check_runtime(params)
+    g = params.grpo
+    (backend, _), (generation, _) = engines(params)
+    rewards = build_reward_funcs(g.rewards, params.project.answer_format.build(), g.on_reward_error,
+                                 max_completion_length=g.max_completion_length,
+                                 max_error_fraction=g.max_reward_error_fraction)
+    if generation == "vllm" and g.vllm_mode == "server":
+        from stages.common.vllm_server import base_url, check_health
+
+        check_health(base_url(g), g.vllm_server_timeout)
+    return rewards
+
+
+def import_backend(backend: str, generation: str, standby: bool) -> None:
+    """Unsloth must be imported before transformers/peft/trl, with its Standby switch already set."""
+    if backend != "unsloth":
+        return
+    wanted = "1" if generation == "vllm" and standby else "0"
+    if "unsloth" in sys.modules and os.environ.get("UNSLOTH_VLLM_STANDBY", "0") != wanted:
+        print(f"grpo: warning: unsloth was imported before the stage; UNSLOTH_VLLM_STANDBY={wanted} may not take effect")
+    os.environ["UNSLOTH_VLLM_STANDBY"] = wanted
+    import unsloth  # noqa: F401
