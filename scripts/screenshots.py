@@ -71,6 +71,7 @@ def compare_picture(experiment: str, out: Path, height: int) -> None:
         view = f"{url}/#/compare-runs?runs={quote(json.dumps(run_ids))}&experiments={quote(json.dumps([exp_id]))}"
         with browser.page(width=1400, height=height) as (tab, traffic):
             tab.goto(view, wait_until="networkidle")
+            tab.get_by_text("Parameters").first.wait_for(timeout=120_000)  # the compare table is drawn
             tab.wait_for_timeout(3000)  # the charts animate in
             tab.screenshot(path=str(out))
         _report(out, traffic)
