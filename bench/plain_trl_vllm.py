@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--completion-length", type=int, default=512, help="max_completion_length (forced full length)")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="gradient accumulation steps the step's completions are split over (16x8 needs 2 on one H200)")
     ap.add_argument("--vllm-memory", type=float, default=0.3, help="vllm_gpu_memory_utilization")
     ap.add_argument("--base-dir", type=Path, default=Path("/tmp/bench_grpo/base"), help="where the random model is built")
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
@@ -58,7 +60,8 @@ def main() -> None:
 
     batch = 8 * args.prompts_per_step
     config = GRPOConfig(output_dir=str(args.out.resolve().parent / "plain_ckpt"), max_steps=args.steps,
-                        num_generations=8, per_device_train_batch_size=batch, max_completion_length=args.completion_length,
+                        num_generations=8, per_device_train_batch_size=batch // args.micro_batches,
+                        gradient_accumulation_steps=args.micro_batches, max_completion_length=args.completion_length,
                         use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=args.vllm_memory,
                         logging_steps=1, save_strategy="no", report_to="none")
 
@@ -88,6 +91,7 @@ def main() -> None:
     length = statistics.median(s.get("completion_length", args.completion_length) for s in kept)
     result = {"path": "plain TRL + vLLM colocate", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join(sys.argv), "prompts_per_step": args.prompts_per_step, "completions_per_step": batch,
+              "micro_batches": args.micro_batches,
               "completion_length": args.completion_length, "step_seconds_median": seconds,
               "generated_tokens_per_s": length * batch / seconds, "completion_length_median": length,
               "peak_allocated_gib": max(s["peak_allocated_gib"] for s in steps),

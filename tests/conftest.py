@@ -32,7 +32,10 @@ if _WORKERS > 1:  # read by torch at import and inherited by the stage subproces
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PIPELINE_PARENT_RUN_ID", None)
-_MLRUNS = Path(os.environ.setdefault("PIPELINE_MLRUNS_DIR", f"/tmp/gsm8k-grpo-tests-{os.getpid()}/mlruns"))
+# One store per test process: xdist workers inherit the controller's environment, and two processes
+# creating one SQLite store at once race in its migrations (seen on the GPU tier: alembic CommandError).
+_MLRUNS = Path(f"/tmp/gsm8k-grpo-tests-{os.getpid()}/mlruns")
+os.environ["PIPELINE_MLRUNS_DIR"] = str(_MLRUNS)
 
 
 def tiny(overrides: dict[str, Any] | None = None, preset: str = "tiny"):
