@@ -30,6 +30,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:  # read by torch at import and inherited by the stage subprocesses tests start
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+# The gguf stage's llama.cpp converter (scripts/fetch_llama_cpp.sh): one fetch for the session, in
+# this checkout's .cache, also for the stages that run in copies of the repository (tests/test_flows.py
+# copy_repo), which would otherwise download and unpack the 75 MB sdist once per copy.
+os.environ.setdefault("LLAMA_CPP_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "llama.cpp"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PIPELINE_PARENT_RUN_ID", None)
 _MLRUNS = Path(os.environ.setdefault("PIPELINE_MLRUNS_DIR", f"/tmp/gsm8k-grpo-tests-{os.getpid()}/mlruns"))
