@@ -93,6 +93,22 @@ def base_dir(tmp_path_factory, tiny_params, prepared_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def harness():
+    """Flows run in this process against a temporary Prefect server and database (prefect_test_harness).
+
+    One per worker session, shared by the modules that run flows in-process (test_flows,
+    test_continuous, test_failures); each started its own before, ~20 s of a 2-core machine each.
+    Their tests read back only their own flow runs (by flow run id). The harness changes Prefect's
+    in-process settings, not the environment: the flows that tests start as subprocesses use the
+    server they are given, or a temporary one of their own, as before.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
 def mlruns_dir() -> Path:
     _MLRUNS.mkdir(parents=True, exist_ok=True)
     return _MLRUNS
