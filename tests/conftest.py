@@ -30,6 +30,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:  # read by torch at import and inherited by the stage subprocesses tests start
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+# The gguf stage's llama.cpp converter (scripts/fetch_llama_cpp.sh): one fetch for the session, in
+# this checkout's .cache, also for the stages that run in copies of the repository (tests/test_flows.py
+# copy_repo), which would otherwise download and unpack the 75 MB sdist once per copy.
+os.environ.setdefault("LLAMA_CPP_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "llama.cpp"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PIPELINE_PARENT_RUN_ID", None)
 # One store per test process: xdist workers inherit the controller's environment, and two processes
@@ -89,6 +93,22 @@ def base_dir(tmp_path_factory, tiny_params, prepared_dir) -> Path:
     out = tmp_path_factory.mktemp("models") / "base"
     base_model.run(tiny_params, prepared_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """Flows run in this process against a temporary Prefect server and database (prefect_test_harness).
+
+    One per worker session, shared by the modules that run flows in-process (test_flows,
+    test_continuous, test_failures); each started its own before, ~20 s of a 2-core machine each.
+    Their tests read back only their own flow runs (by flow run id). The harness changes Prefect's
+    in-process settings, not the environment: the flows that tests start as subprocesses use the
+    server they are given, or a temporary one of their own, as before.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
 
 
 @pytest.fixture(scope="session")

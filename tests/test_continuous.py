@@ -25,7 +25,7 @@ import yaml
 
 from flows.continuous import ResumeRefused, continuous
 from stages.common.params import ROOT
-from tests.test_flows import artifacts_of, copy_repo, copy_stage, harness, make_dvc_repo  # noqa: F401 - harness: a fixture
+from tests.test_flows import artifacts_of, copy_repo, copy_stage, make_dvc_repo
 from tests.test_servers import client_env, prefect_api  # noqa: F401 - prefect_api: a fixture
 
 TRAIN = textwrap.dedent('''
@@ -45,7 +45,7 @@ def digest(root: Path) -> dict[str, str]:
             for f in sorted(root.rglob("*")) if f.is_file()}
 
 
-def test_new_data_that_would_rebuild_the_tiny_base_model_is_refused(harness, tmp_path, mlruns_dir):  # noqa: F811
+def test_new_data_that_would_rebuild_the_tiny_base_model_is_refused(harness, tmp_path, mlruns_dir):
     repo = make_dvc_repo(tmp_path / "repo", {
         "prepare": copy_stage("src.txt", "data/prepared/train.txt"),
         "base_model": copy_stage("data/prepared/train.txt", "models/base/model.txt"),

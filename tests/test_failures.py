@@ -25,7 +25,7 @@ from stages.common.tracking import TrackingUnavailable
 from stages.prepare import DataError
 from stages.preset import render
 from tests.conftest import tiny
-from tests.test_flows import harness, make_dvc_repo, mlflow_client  # noqa: F401 - harness is a fixture
+from tests.test_flows import make_dvc_repo, mlflow_client
 
 PY = sys.executable
 
@@ -121,7 +121,7 @@ def _errors_repo(tmp_path: Path, action: str, retries: int = 2) -> Path:
     return repo
 
 
-def test_a_check_error_runs_exactly_once(harness, tmp_path, mlruns_dir):  # noqa: F811
+def test_a_check_error_runs_exactly_once(harness, tmp_path, mlruns_dir):
     from flows.pipeline import StageFailed, pipeline
 
     repo = _errors_repo(tmp_path, "check")
@@ -135,7 +135,7 @@ def test_a_check_error_runs_exactly_once(harness, tmp_path, mlruns_dir):  # noqa
     assert "DataError: row 3" in raised.log_file.read_text()  # the traceback is in the log
 
 
-def test_a_transient_error_is_retried(harness, tmp_path, mlruns_dir):  # noqa: F811
+def test_a_transient_error_is_retried(harness, tmp_path, mlruns_dir):
     from flows.pipeline import pipeline
 
     repo = _errors_repo(tmp_path, "flaky")
@@ -145,7 +145,7 @@ def test_a_transient_error_is_retried(harness, tmp_path, mlruns_dir):  # noqa: F
 
 
 @pytest.mark.slow
-def test_a_transient_error_that_persists_uses_every_retry(harness, tmp_path, mlruns_dir):  # noqa: F811
+def test_a_transient_error_that_persists_uses_every_retry(harness, tmp_path, mlruns_dir):
     from flows.pipeline import StageFailed, pipeline
 
     repo = _errors_repo(tmp_path, "flaky", retries=1)

@@ -95,14 +95,6 @@ def copy_stage(src: str, dst: str, deps: list[str] | None = None) -> dict:
     return {"cmd": f"python step.py copy {src} {dst}", "deps": [src, *(deps or [])], "outs": [dst]}
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
 @pytest.fixture
 def experiment(mlruns_dir) -> str:
     return f"test-flows-{uuid.uuid4().hex[:8]}"

@@ -28,6 +28,8 @@ import pytest
 import yaml
 
 from stages.common.params import load_params
+from stages.preset import render
+from tests.conftest import tiny
 from tests.mlflow_load import metric_value
 from tests.servers import (DVC_REMOTE, MLFLOW_ADMIN, ROOT, TEAM_USER, Credentials, Postgres, S3, TeamMlflow,
                            background, basic_auth, http_status, prefect_client_env, read_flow_run)
@@ -38,6 +40,11 @@ pytestmark = [pytest.mark.servers, pytest.mark.slow]
 CLIENTS, VALUES = 8, 60  # N load processes, M params and M metric steps each
 HF_TOKEN = f"hf_planted{uuid.uuid4().hex}"  # a credential the pipeline must carry nowhere
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+# The tiny profile, shortened: these tests prove the servers' plumbing (every stage logs, registers and
+# pushes through them), not what training reaches; tests/test_flows.py runs the tiny preset unchanged.
+TEAM = {"sft": {"max_steps": 4, "logging_steps": 2},
+        "grpo": {"max_steps": 3, "save_steps": 3, "max_completion_length": 16},
+        "evaluate": {"limit": 4}, "gguf": {"eval_questions": 2, "quantizations": ["q8_0"]}}
 
 
 def git(repo: Path, *args: str) -> str:
@@ -117,6 +124,7 @@ def team_run(tmp_path_factory, as_team_user, team_mlflow: TeamMlflow, team_prefe
 
     tmp = tmp_path_factory.mktemp("team-a")
     a = copy_repo(tmp / "a")
+    (a / "params.yaml").write_text(render(tiny(TEAM)))
     env = machine_env(tmp, team_mlflow.client_env(), prefect_client_env(team_prefect, team_credentials), s3.env())
     name = load_params(a / "params.yaml").project.name
     client = mlflow.MlflowClient(team_mlflow.uri)
