@@ -200,6 +200,37 @@ def test_runs_of_dead_processes_are_closed_at_the_next_start(mlruns_dir):
     assert tracking.close_orphans(exp_id) == []
 
 
+def test_an_orphan_closed_by_a_flow_starting_at_the_same_moment_is_left_to_it(mlruns_dir, monkeypatch):
+    """Two flows start at once and find the same orphan; the other one's tag lands first. On the
+    PostgreSQL server that made our tag insert fail (UniqueViolation, seen in tests/test_team_mode.py);
+    SQLite cannot interleave two writers like that, so the other flow's write is made here, from inside
+    set_tag, just before the error the server gave."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client()
+    exp_id = tracking.setup(f"test-orphans-{uuid.uuid4().hex[:8]}")
+    orphan = client.create_run(exp_id, run_name="grpo", tags=_dead_process_tags()).info.run_id
+    real_set_tag = mlflow.MlflowClient.set_tag
+
+    def other_flow_first(self, run_id, key, value, *args, **kwargs):
+        real_set_tag(self, run_id, key, "the other flow", *args, **kwargs)
+        raise MlflowException("duplicate key value violates unique constraint \"tag_pk\"")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", other_flow_first)
+    assert tracking.close_orphans(exp_id) == []  # no error, and the run is left to its closer
+    assert client.get_run(orphan).data.tags["pipeline.closed_by"] == "the other flow"
+
+    def failing(self, *args, **kwargs):  # a failure with no other closer is still an error
+        raise MlflowException("the server is read-only")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", failing)
+    other = client.create_run(exp_id, run_name="sft", tags=_dead_process_tags()).info.run_id
+    with pytest.raises(MlflowException, match="read-only"):
+        tracking.close_orphans(exp_id)
+    assert client.get_run(other).info.status == "RUNNING"
+
+
 @pytest.mark.slow
 def test_a_killed_stage_is_closed_when_the_next_stage_starts(tmp_path, mlruns_dir):
     (tmp_path / "params.yaml").write_text(render(tiny()))

@@ -233,6 +233,7 @@ def close_orphans(exp_id: str) -> list[tuple[str, str]]:
     runs first as KILLED, then parents as _closing_status says. Returns [(run id, status)].
     Runs started on other hosts are left alone: their processes cannot be seen from here."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(tracking_uri())
     running = client.search_runs([exp_id], f"attributes.status = 'RUNNING' and tags.`pipeline.host` = '{socket.gethostname()}'",
@@ -245,8 +246,16 @@ def close_orphans(exp_id: str) -> list[tuple[str, str]]:
         if run.data.tags.get("pipeline.parent") == "true":
             children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", max_results=1000)
             status = _closing_status(run, children)
-        client.set_tag(run.info.run_id, "pipeline.closed_by",
-                       f"a later start: process {run.data.tags['pipeline.pid']} on {run.data.tags['pipeline.host']} had ended")
+        try:
+            client.set_tag(run.info.run_id, "pipeline.closed_by",
+                           f"a later start: process {run.data.tags['pipeline.pid']} on {run.data.tags['pipeline.host']} had ended")
+        except MlflowException:
+            # Two flows starting at once (team mode: two clones) find the same orphan; on a SQL server the
+            # second tag insert violates the key. The first closer's tag means that run is in hand.
+            if "pipeline.closed_by" not in client.get_run(run.info.run_id).data.tags:
+                raise
+            log.info("MLflow run %s is being closed by another flow that started at the same time", run.info.run_id)
+            continue
         client.set_terminated(run.info.run_id, status=status)
         closed.append((run.info.run_id, status))
         log.warning("MLflow run %s (%s) was left RUNNING by a process that has ended; closed as %s",
