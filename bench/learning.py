@@ -54,7 +54,7 @@ def read_curve(file: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
 
 
-def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict) -> dict:
+def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log: Path) -> dict:
     from stages.common.params import apply_overrides, validate
     from stages.preset import merge, render, resolve
 
@@ -63,19 +63,23 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict) -> 
     raw = merge(resolve(preset).model_dump(), {"project": {"seed": seed}, "sft": {"seed": seed}, "grpo": {"seed": seed}})
     (work / "params.yaml").write_text(render(validate(apply_overrides(raw, overrides))))
     seed_env = {**env, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns")}
-    times = {}
+    times, engines = {}, []
     for stage in STAGES:
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], cwd=ROOT, env=seed_env,
                               capture_output=True, text=True)
         times["_".join(stage)] = round(time.perf_counter() - start, 1)
         if done.returncode:
-            raise SystemExit(f"seed {seed}: stage {' '.join(stage)} failed:\n{done.stderr[-4000:]}")
+            # The other seeds go on; this seed's whole stage log is kept beside --out.
+            log.with_suffix(f".seed{seed}.log").write_text(done.stdout + done.stderr)
+            print(f"seed {seed}: stage {' '.join(stage)} failed:\n{done.stderr[-3000:]}", flush=True)
+            return {"seed": seed, "seconds": times, "failed_stage": " ".join(stage), "error": done.stderr[-1500:]}
         print(f"seed {seed}: {' '.join(stage)} {times['_'.join(stage)]} s", flush=True)
+        engines = engines or [line for line in done.stdout.splitlines() if line.startswith("grpo: backend=")]
     evaluation = json.loads((work / "metrics" / "evaluate.json").read_text())
     rows = read_curve(work / "plots" / "grpo_rewards.csv")
     return {
-        "seed": seed, "seconds": times, "total_seconds": round(sum(times.values()), 1),
+        "seed": seed, "seconds": times, "total_seconds": round(sum(times.values()), 1), "grpo_engine": engines[:1],
         "accuracy": {m: evaluation[m]["strict"] for m in ("base", "sft", "grpo")},
         "grpo_minus_sft": evaluation["grpo"]["strict"] - evaluation["sft"]["strict"],
         "curve": rows, "hacking": hacking_flag(rows),
@@ -96,7 +100,7 @@ def plot(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for r in results:
+    for r in (r for r in results if r["curve"]):  # a run shorter than logging_steps logs no row
         steps = [row["step"] for row in r["curve"]]
         for key, ax in (("rewards/correctness/mean", axes[0]), ("frac_reward_zero_std", axes[2])):
             ax.plot(steps, [row.get(key) for row in r["curve"]], label=f"seed {r['seed']}")
@@ -128,26 +132,35 @@ def main() -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PIPELINE_PARENT_RUN_ID", None)
     base = Path(tempfile.mkdtemp(prefix="learning-"))
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        results = list(pool.map(lambda s: run_seed(s, args.preset, overrides, base, env), args.seeds))
-    gains = [r["grpo_minus_sft"] for r in results]
-    summary = {
-        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "parallel": args.parallel, "preset": args.preset,
-        "overrides": overrides, "median_gain_points": round(100 * statistics.median(gains), 1),
-        "goal_met": statistics.median(gains) >= 0.25,
-        "per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in results],
-    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        results = list(pool.map(lambda s: run_seed(s, args.preset, overrides, base, env, out), args.seeds))
+    done = [r for r in results if "failed_stage" not in r]
+    gains = [r["grpo_minus_sft"] for r in done]
+    median = statistics.median(gains) if gains else None
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "parallel": args.parallel, "preset": args.preset,
+        "overrides": overrides, "median_gain_points": None if median is None else round(100 * median, 1),
+        "goal_met": len(done) == len(results) and median >= 0.25,
+        "per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in results],
+    }
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
+    if done:
+        plot(done, out.with_suffix(".png"))
     print("| seed | base | SFT | GRPO | GRPO - SFT | wall s | hacking flag |\n|---|---|---|---|---|---|---|")
     for r in results:
+        if "failed_stage" in r:
+            print(f"| {r['seed']} | failed in {r['failed_stage']} | | | | | |")
+            continue
         a = r["accuracy"]
         print(f"| {r['seed']} | {a['base']:.1%} | {a['sft']:.1%} | {a['grpo']:.1%} | {100 * r['grpo_minus_sft']:+.1f} pts "
               f"| {r['total_seconds']} | {r['hacking']['flagged']} |")
-    print(f"median gain: {summary['median_gain_points']:+.1f} points (goal +25)")
+    if median is not None:
+        print(f"median gain: {summary['median_gain_points']:+.1f} points over {len(done)} of {len(results)} seeds (goal +25)")
     shutil.rmtree(base, ignore_errors=True)
+    if len(done) < len(results):
+        raise SystemExit(f"{len(results) - len(done)} seed(s) failed; their logs: {out.with_suffix('.seed*.log')}")
 
 
 if __name__ == "__main__":
