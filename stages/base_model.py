@@ -76,6 +76,10 @@ def build_tiny(params: Params, prepared: Path, out: Path) -> dict:
     vocab = len(tok)
     # Round the embedding up to a multiple of 256 so every matrix width suits k-quants.
     padded_vocab = -(-vocab // 256) * 256
+    # Every id the model can sample gets a token, as real tokenizers reserve theirs: vLLM turns each
+    # sampled id into its token for the log-probs GRPO asks for, and an id without one crashed it
+    # (a small corpus gives SentencePiece fewer pieces than asked: learn-gpu has 299 of 512 ids).
+    tok.add_tokens([f"<reserved_{i}>" for i in range(vocab, padded_vocab)], special_tokens=True)
     config = LlamaConfig(
         vocab_size=padded_vocab, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import checkpoints, models, ranks, tracking
-from stages.common.engines import engines, import_backend, preflight
+from stages.common.engines import avoid_vllm_dummy_run_overflow, engines, import_backend, preflight
 from stages.common.params import Params, load_params
 from stages.common.prompts import load_prompts, unseen_first
 from stages.common.paths import PATHS, path, write_metrics
@@ -102,6 +102,9 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     from trl import GRPOTrainer
 
     config = grpo_config(params, backend, generation, ckpt_dir, weights, in_given_order=new_prompts)
+    if generation == "vllm" and backend == "trl" and g.vllm_mode == "colocate":
+        avoid_vllm_dummy_run_overflow(config.per_device_train_batch_size * config.vllm_tensor_parallel_size
+                                      * config.steps_per_generation, config.vllm_max_model_length)
     # Several processes: the main one alone measures KL, on its share of the batch; with sharded weights
     # (ZeRO-3, FSDP) a forward pass needs every rank, so the monitor is off.
     monitor_kl = g.beta == 0 and g.monitor_kl and not ranks.sharded()

@@ -5,6 +5,7 @@
 - preflight: runtime, engines, reward functions and a vLLM server, checked without loading a
   model (the grpo stage and stages/check.py both call it).
 - import_backend: Unsloth imported first, with its Standby switch set.
+- avoid_vllm_dummy_run_overflow: the vLLM model runner for a colocated engine whose warm-up would overrun.
 """
 from __future__ import annotations
 
@@ -65,3 +66,23 @@ def import_backend(backend: str, generation: str, standby: bool) -> None:
         print(f"grpo: warning: unsloth was imported before the stage; UNSLOTH_VLLM_STANDBY={wanted} may not take effect")
     os.environ["UNSLOTH_VLLM_STANDBY"] = wanted
     import unsloth  # noqa: F401
+
+
+# TRL 1.14 starts its colocated engine with max_num_batched_tokens=4096 and max_num_seqs = the rollouts of
+# one generation batch. vLLM 0.26's V2 model runner warms up on 4096 tokens split over max_num_seqs dummy
+# requests without capping each at max_model_len; when 4096 / max_num_seqs > max_model_len the dummy
+# requests overrun their KV block tables: CUDA illegal memory access in FlashAttention at engine start
+# (bench/repro_trl_vllm_tiny.py reproduces it without TRL; the V1 runner, or max_num_seqs 64, runs).
+TRL_VLLM_BATCHED_TOKENS = 4096
+
+
+def avoid_vllm_dummy_run_overflow(max_num_seqs: int, max_model_len: int) -> bool:
+    """Select vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0) when TRL's colocated engine would crash
+    in its warm-up; True when it did. A user's own VLLM_USE_V2_MODEL_RUNNER is left alone."""
+    if -(-TRL_VLLM_BATCHED_TOKENS // max_num_seqs) <= max_model_len or "VLLM_USE_V2_MODEL_RUNNER" in os.environ:
+        return False
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    print(f"grpo: vLLM's V1 model runner: {max_num_seqs} rollouts per generation batch x {max_model_len} tokens is "
+          f"under TRL's {TRL_VLLM_BATCHED_TOKENS} warm-up tokens, which crash vLLM 0.26's V2 runner "
+          "(bench/repro_trl_vllm_tiny.py)")
+    return True
