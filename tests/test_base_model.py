@@ -114,6 +114,26 @@ def test_other_seed_and_tags_give_another_model(base_dir, prepared_dir, tmp_path
     assert tok.tokenize("<answer>") == ["<answer>"]
 
 
+
+def test_every_embedding_row_has_a_token_when_the_corpus_is_small(tmp_path):
+    """A synthetic corpus gives SentencePiece fewer pieces than asked (learn-gpu: 299 of 384); the rows up to the
+    padded vocabulary get reserved tokens, since vLLM turns every sampled id into its token and crashed on
+    ids without one (H200, 2026-11-30). Ordinary text tokenizes as before."""
+    from stages import prepare
+
+    params = tiny({"prepare": {"source": "synthetic", "synthetic": {"train_size": 200, "test_size": 20}},
+                   "model": {"tiny": {"vocab_size": 384}}})
+    prepare.run(params, tmp_path / "prepared")
+    base_model.run(params, tmp_path / "prepared", tmp_path / "base")
+    tok = load_tokenizer(base_info(tmp_path / "base")["tokenizer"])
+    rows = load_base_model(tmp_path / "base").config.vocab_size
+    pieces = base_info(tmp_path / "base")["vocab_size"]
+    assert pieces < rows and rows % 256 == 0
+    tokens = tok.convert_ids_to_tokens(list(range(rows)))
+    assert None not in tokens and tokens[-1] == f"<reserved_{rows - 1}>"
+    ids = tok("12 + 30 = <SOLUTION>42</SOLUTION>").input_ids
+    assert max(ids) < pieces and tok.decode(ids + [rows - 1], skip_special_tokens=True) == tok.decode(ids)
+
 @pytest.mark.parametrize("chat_template, expected", [("model", "model"), ("project", "project"), ("auto", "model")])
 def test_a_local_folder_resolves_without_the_hub(base_dir, prepared_dir, tmp_path, chat_template, expected):
     local = base_info(base_dir)["model"]

@@ -236,6 +236,20 @@ def test_unsloth_vllm_with_truncated_sampling_falls_back_to_trl_loudly(monkeypat
         engines.engines(server)
 
 
+
+def test_vllm_v1_runner_only_where_trls_warm_up_would_overrun_v2(monkeypatch, capsys):
+    """TRL warms vLLM up on 4096 tokens over max_num_seqs requests; above max_model_len each, vLLM 0.26's V2
+    runner crashed on the H200 (bench/repro_trl_vllm_tiny.py: 8 x 224 crashed, 64 x 224 and V1 ran)."""
+    from stages.common.engines import avoid_vllm_dummy_run_overflow
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    assert not avoid_vllm_dummy_run_overflow(64, 224) and not avoid_vllm_dummy_run_overflow(512, 160)
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+    assert avoid_vllm_dummy_run_overflow(8, 224)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0" and "V1 model runner" in capsys.readouterr().out
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # the user's choice stands
+    assert not avoid_vllm_dummy_run_overflow(8, 224) and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+
 @pytest.mark.slow
 def test_continuous_training_takes_new_prompts_first_and_continues_the_lr_schedule(tmp_path, prepared_dir, base_dir,
                                                                                    mlruns_dir):

@@ -75,6 +75,9 @@ def kl_to_reference(model, tokenizer, prompts, completion_ids, reference=None, l
         rows.append((tokenizer(text, add_special_tokens=False).input_ids, list(comp)))
     if not rows:
         return None
+    if reference is not None:
+        # Copied while the model was still on the CPU; the trainer has moved the model since.
+        reference.to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, count = 0.0, 0
     was_training = model.training
