@@ -6,6 +6,8 @@ move, and reward, KL, memory and throughput must reach MLflow. Run with tests/gp
 One test per file: pytest-xdist runs each file in its own process, and a process hosts one vLLM engine."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tests.conftest import tiny
@@ -22,23 +24,35 @@ RUN = {
 }
 
 
-def train_and_check(backend, tmp_path, prepared_dir, base_dir):
+def train_and_check(backend, tmp_path, prepared_dir, base_dir, lora: bool = True):
+    """lora False: full fine-tuning (trl backend), where the KL monitor's reference is a frozen copy of the
+    model that must follow it onto the GPU (learn-gpu's first vLLM run crashed there, 2026-11-30)."""
     import mlflow
     from safetensors.torch import load_file
 
     from stages import grpo
     from stages.common import tracking
+    from stages.common.models import base_info
 
-    params = tiny({**RUN, "model": {**RUN["model"], "backend": backend}})
+    model = {**RUN["model"], "backend": backend, "lora": {**RUN["model"]["lora"], "enabled": lora}}
+    if not lora:
+        model["dtype"] = "float32"  # as learn-gpu trains: pure bf16 weights would round small updates away
+    params = tiny({**RUN, "model": model})
     with tracking.stage_run("grpo", params) as run:
         metrics = grpo.run(params, prepared_dir / "grpo.parquet", base_dir, tmp_path / "no_sft", tmp_path / "grpo",
                            tmp_path / "ckpt", tmp_path / "plots")
-    assert (metrics["backend"], metrics["generation"]) == (backend, "vllm")
+    assert (metrics["backend"], metrics["generation"]) == (backend, RUN["model"]["generation"])
     assert metrics["steps"] == 3
 
-    adapter = load_file(tmp_path / "grpo" / "adapter_model.safetensors")
-    moved = [k for k, v in adapter.items() if "lora_B" in k and v.float().abs().sum() > 0]
-    assert moved, "every lora_B is still at its zero initialisation: GRPO did not train the adapter"
+    if lora:
+        adapter = load_file(tmp_path / "grpo" / "adapter_model.safetensors")
+        moved = [k for k, v in adapter.items() if "lora_B" in k and v.float().abs().sum() > 0]
+        assert moved, "every lora_B is still at its zero initialisation: GRPO did not train the adapter"
+    else:
+        before = load_file(str(Path(base_info(base_dir)["model"]) / "model.safetensors"))
+        after = load_file(str(tmp_path / "grpo" / "model.safetensors"))
+        changed = [k for k in before if k in after and not torch.equal(before[k], after[k].to(before[k].dtype))]
+        assert changed, "no weight differs from the base model: GRPO did not train"
 
     logged = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     for key in ("reward", "rewards/distinct_chars/mean", "kl_monitor", "memory/cuda_peak_allocated_gib",
