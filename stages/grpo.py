@@ -64,6 +64,16 @@ def grpo_config(params: Params, backend: str, generation: str, ckpt_dir: Path, r
                       save_strategy="steps", use_cpu=not models.has_cuda(), **kwargs, **precision_flags(m.dtype))
 
 
+def loss_pass_importance_sampling(params: Params, backend: str, generation: str, config) -> bool:
+    """Whether the trainer takes vLLM's correction weights from the loss's forward (stages/common/on_policy_is.py):
+    plain TRL only (Unsloth computes its own), with the correction on, on-policy runs only."""
+    from stages.common.on_policy_is import on_policy
+
+    g = params.grpo
+    return (backend == "trl" and generation == "vllm" and g.vllm_importance_sampling_correction
+            and g.importance_sampling_from_loss and on_policy(config))
+
+
 # ------------------------------------------------------------------ the stage
 def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_dir: Path, ckpt_dir: Path,
         plots_dir: Path, resume_from: str | None = None, callbacks: list | tuple = (),
@@ -120,6 +130,12 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
         from stages.common.length_groups import length_grouped_trainer
 
         trainer_cls = length_grouped_trainer(GRPOTrainer, prompt_lengths)
+    is_from_loss = loss_pass_importance_sampling(params, backend, generation, config)
+    if is_from_loss:
+        from stages.common.on_policy_is import loss_pass_trainer
+
+        trainer_cls = loss_pass_trainer(trainer_cls)
+        print("grpo: vLLM's importance-sampling weights from the loss's forward (grpo.importance_sampling_from_loss)")
     trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[ContinueSchedule(), monitor, metrics_cb,
                                                                  monitoring.ConsumedPromptsCallback(recorder, trained),
@@ -139,7 +155,7 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
         monitoring.write_curves(metrics_cb.history, reward_names, plots_dir / "grpo_rewards.csv", plots_dir / "grpo_rewards.png")
     return {
         "backend": backend, "backend_reason": backend_why, "generation": generation,
-        "generation_reason": generation_why, "steps": result.global_step,
+        "generation_reason": generation_why, "importance_sampling_from_loss": is_from_loss, "steps": result.global_step,
         "resumed_from_checkpoint": Path(resume_from).name if resume_from else None,
         "prompts": len(data), "prompts_dropped_too_long": dropped, "seconds": round(seconds, 2),
         **({"prompts_not_trained_before": unseen} if unseen is not None else {}),

@@ -257,7 +257,11 @@ class GRPOParams(Section):
     vllm_server_host: str = F("127.0.0.1", "Host of the `trl vllm-serve` server (vllm_mode server).")
     vllm_server_port: int = F(8000, "Port of the `trl vllm-serve` server (vllm_mode server).", ge=1, le=65535)
     vllm_server_timeout: float = F(240.0, "Seconds to wait for the vLLM server to answer its health check before failing.", gt=0)
-    vllm_importance_sampling_correction: bool = F(True, "Correct for the vLLM/trainer log-prob mismatch with importance sampling (vLLM only; needs an extra log-prob pass per step).")
+    vllm_importance_sampling_correction: bool = F(True, "Correct for the vLLM/trainer log-prob mismatch with importance sampling (vLLM only; needs the trainer's log-probs of every rollout).")
+    importance_sampling_from_loss: bool = F(
+        True, "trl backend with vLLM and that correction, on-policy runs (num_iterations 1): take the trainer's log-probs "
+        "from the loss's own forward instead of TRL's extra no-grad pass over every rollout (stages/common/on_policy_is.py; "
+        "the same weights, one forward less per step). false: TRL's extra pass.")
     vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = F(
         "sequence_mask", "How that correction is applied (TRL's default sequence_mask; loss_type vespo needs a token_* mode).")
     vllm_importance_sampling_clip_max: float | None = F(3.0, "Upper bound of the importance ratio: clipped (truncate) or masked (mask) above it (TRL's default 3.0).", gt=0)

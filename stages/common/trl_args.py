@@ -18,6 +18,7 @@ GRPO_PROJECT_ONLY = {
     "on_reward_error": "the reward guard in stages/common/rewards.py",
     "max_reward_error_fraction": "the reward guard in stages/common/rewards.py",
     "group_prompts_by_length": "stages/common/length_groups.py (the sampler)",
+    "importance_sampling_from_loss": "stages/common/on_policy_is.py (the trainer class)",
     "max_prompt_length": "TRL 1.14 has none: longer prompts are dropped by the grpo stage",
     "monitor_kl": "stages/common/monitoring.py",
     "monitor_kl_every": "stages/common/monitoring.py",

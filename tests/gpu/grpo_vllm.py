@@ -43,6 +43,8 @@ def train_and_check(backend, tmp_path, prepared_dir, base_dir, lora: bool = True
                            tmp_path / "ckpt", tmp_path / "plots")
     assert (metrics["backend"], metrics["generation"]) == (backend, RUN["model"]["generation"])
     assert metrics["steps"] == 3
+    # plain TRL takes vLLM's importance-sampling weights from the loss's forward (stages/common/on_policy_is.py)
+    assert metrics["importance_sampling_from_loss"] == (backend == "trl")
 
     if lora:
         adapter = load_file(tmp_path / "grpo" / "adapter_model.safetensors")
@@ -55,8 +57,11 @@ def train_and_check(backend, tmp_path, prepared_dir, base_dir, lora: bool = True
         assert changed, "no weight differs from the base model: GRPO did not train"
 
     logged = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
-    for key in ("reward", "rewards/distinct_chars/mean", "kl_monitor", "memory/cuda_peak_allocated_gib",
-                "throughput/generated_tokens_per_s", "step_seconds"):
+    expected = ["reward", "rewards/distinct_chars/mean", "kl_monitor", "memory/cuda_peak_allocated_gib",
+                "throughput/generated_tokens_per_s", "step_seconds"]
+    if backend == "trl":  # logged by the loss-pass trainer in place of TRL's extra pass
+        expected += ["sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean"]
+    for key in expected:
         assert key in logged, f"{key} missing from MLflow; have {sorted(logged)}"
     assert "kl" not in logged, "beta is 0: a `kl` value would not be a measurement"
     assert logged["memory/cuda_peak_allocated_gib"] > 0
