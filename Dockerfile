@@ -35,7 +35,7 @@ ENV HF_HOME=/workspace/.cache/huggingface
 # A portable llama.cpp (no -march=native): the image runs on any x86-64 host, not only the
 # one that built it. The gguf stage uses llama.cpp for conversion, quantization and a short
 # CPU check, so its CUDA backend is not needed.
-ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
 
 WORKDIR /workspace
 
