@@ -17,7 +17,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,8 +64,9 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log
     (work / "params.yaml").write_text(render(validate(apply_overrides(raw, overrides))))
     # MASTER_PORT: each seed's colocated vLLM engine opens a torch.distributed store (TRL's colocate mode);
     # seeds running at once must not share its port (on the H200, 2026-11-30, three seeds all got 29500).
+    # "auto": TRL resolves it to a free port in each process (trl.trainer.utils.ensure_master_addr_port).
     seed_env = {**env, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns"),
-                "MASTER_PORT": str(free_port())}
+                "MASTER_PORT": "auto"}
     times, engines = {}, []
     for stage in STAGES:
         start = time.perf_counter()
@@ -88,12 +88,6 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log
         "grpo_minus_sft": evaluation["grpo"]["strict"] - evaluation["sft"]["strict"],
         "curve": rows, "hacking": hacking_flag(rows),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def machine() -> str:
