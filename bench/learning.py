@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -62,11 +63,11 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log
     work.mkdir(parents=True)
     raw = merge(resolve(preset).model_dump(), {"project": {"seed": seed}, "sft": {"seed": seed}, "grpo": {"seed": seed}})
     (work / "params.yaml").write_text(render(validate(apply_overrides(raw, overrides))))
-    # MASTER_PORT: each seed's colocated vLLM engine opens a torch.distributed store (TRL's colocate mode);
-    # seeds running at once must not share its port (on the H200, 2026-11-30, three seeds all got 29500).
-    # "auto": TRL resolves it to a free port in each process (trl.trainer.utils.ensure_master_addr_port).
+    # MASTER_PORT: each seed's colocated vLLM engine opens a torch.distributed store (TRL's colocate mode).
+    # Left unset, TRL 1.14 takes 29500 whenever it is free at that moment (trl.trainer.utils._find_free_port),
+    # so seeds starting together all took it and collided (H200, 2026-11-30); each gets its own port here.
     seed_env = {**env, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns"),
-                "MASTER_PORT": "auto"}
+                "MASTER_PORT": str(free_port())}
     times, engines = {}, []
     for stage in STAGES:
         start = time.perf_counter()
@@ -88,6 +89,12 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log
         "grpo_minus_sft": evaluation["grpo"]["strict"] - evaluation["sft"]["strict"],
         "curve": rows, "hacking": hacking_flag(rows),
     }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def machine() -> str:
