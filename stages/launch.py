@@ -8,6 +8,9 @@ This module only builds command lines for the field's launchers; it starts no tr
 of its own:
 - launch.num_processes 1, config ddp, no gpus, no vLLM server (the default): the stage runs as
   `python -m stages.<stage>` in this very process (exec), exactly as without this module.
+- One process in all on chosen GPUs (launch.gpus, or the GPUs a rollout server leaves): plain
+  `python -m stages.<stage>` with CUDA_VISIBLE_DEVICES (accelerate refuses one GPU id with its
+  multi-GPU config).
 - Otherwise accelerate runs it, once per process, on every machine:
 
       python -m accelerate.commands.launch --config_file recipes/accelerate/<config>.yaml
@@ -88,6 +91,16 @@ def accelerate_command(launch: LaunchParams, module: str, gpus: list[int] | None
     return cmd + ["-m", module, *args]
 
 
+def training_command(launch: LaunchParams, module: str, gpus: list[int] | None) -> tuple[list[str], dict[str, str]]:
+    """The training command and the environment it adds. One DDP process in all runs as plain
+    `python -m module` on its GPU (CUDA_VISIBLE_DEVICES): accelerate refuses a multi-GPU config with a
+    single GPU id ("Less than two GPU ids were configured"), which is the server layout on 2 GPUs."""
+    if launch.num_processes == 1 and launch.num_machines == 1 and launch.config == "ddp":
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus is not None else {}
+        return [sys.executable, "-m", module], env
+    return accelerate_command(launch, module, gpus), {}
+
+
 def server_command(params: Params) -> list[str]:
     """`trl vllm-serve` for the grpo stage: the base model (TRL pushes the trained weights into it at
     every step), the project's tokenizer, grpo's address and context length."""
@@ -127,13 +140,14 @@ def main(argv: list[str] | None = None) -> None:
             os.execv(sys.executable, cmd)
         return
     check_engine(launch)
-    cmd = accelerate_command(launch, module, training_gpus(launch))
+    cmd, env = training_command(launch, module, training_gpus(launch))
     server = server_command(params) if serves_rollouts(launch, args.stage) else None
     if server:
         print(f"launch: CUDA_VISIBLE_DEVICES={','.join(map(str, launch.vllm_server.gpus))} {shlex.join(server)}", flush=True)
-    print(f"launch: {shlex.join(cmd)}", flush=True)
+    print(f"launch: {''.join(f'{k}={v} ' for k, v in env.items())}{shlex.join(cmd)}", flush=True)
     if args.dry_run:
         return
+    os.environ.update(env)
     if not server:
         os.execv(sys.executable, cmd)
     from stages.common import ranks, vllm_server

@@ -76,6 +76,20 @@ def test_with_a_rollout_server_training_takes_the_other_gpus():
     assert not launch.serves_rollouts(other_machine.launch, "grpo")
 
 
+def test_one_training_process_on_a_chosen_gpu_runs_without_accelerate():
+    # accelerate refuses its multi-GPU config with a single GPU id (seen on the 2x H200 machine,
+    # the server layout: 1 server GPU + 1 training GPU), so one process runs plainly on its GPU
+    server = tiny({**SERVER, "launch": {"num_processes": 1, "vllm_server": {"enabled": True, "gpus": [0]}}})
+    cmd, env = launch.training_command(server.launch, "stages.grpo", launch.training_gpus(server.launch, device_count=2))
+    assert cmd[1:] == ["-m", "stages.grpo"] and env == {"CUDA_VISIBLE_DEVICES": "1"}
+    pinned = tiny({"launch": {"gpus": [0]}})
+    assert launch.training_command(pinned.launch, "stages.sft", [0]) == ([sys.executable, "-m", "stages.sft"],
+                                                                         {"CUDA_VISIBLE_DEVICES": "0"})
+    two = tiny({"launch": {"num_processes": 2, "gpus": [0, 1]}})
+    cmd, env = launch.training_command(two.launch, "stages.sft", [0, 1])
+    assert "accelerate.commands.launch" in cmd and env == {}
+
+
 def test_server_command_is_trl_vllm_serve_with_the_stage_settings(tmp_path, monkeypatch):
     from stages.common import models, paths
 
