@@ -1,5 +1,5 @@
 """Scaling benchmark (issue 12 part 4): the grpo stage as shipped, `python -m stages.launch grpo`,
-in layouts over the GPUs of one machine. NOT YET MEASURED (docs/benchmarks.md, "Scaling").
+in layouts over the GPUs of one machine. Measured on 2x H200 (docs/benchmarks.md, "Session 6").
 
     python bench/gpu_scaling.py run one-gpu --gpus 2 --out-dir bench/results/scaling
     python bench/gpu_scaling.py run ddp-colocate --gpus 2 --out-dir bench/results/scaling
@@ -25,7 +25,7 @@ the steps after --warmup, read from the stage's own MLflow run: step_seconds and
 throughput/generated_tokens_per_s (all processes' completions).
 
 Memory, Llama-3.1-8B shapes, LoRA r32 in 16-bit, 2 prompts x 8 x 256 tokens with transformers
-generate: rank 0's peak CUDA memory under ddp, fsdp2 and zero3 (zero3 needs deepspeed installed).
+generate, AdamW in 32-bit: rank 0's peak CUDA memory under ddp, fsdp2 and zero3 (zero3 needs deepspeed installed).
 """
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ GLOBAL_COMPLETIONS = 16 * 8
 def layout_params(layout: str, gpus: int, server_gpus: int, micro_batch: int) -> dict:
     """Overrides of the preset for one layout: shapes of the run and params.launch."""
     if layout in MEMORY:
-        grpo = {"max_completion_length": 256, "per_device_train_batch_size": 2 * 8 // gpus, "gradient_accumulation_steps": 1}
+        # adamw_torch in every engine: bitsandbytes' 8-bit update cannot take FSDP2's sharded tensors (seen on 2x H200)
+        grpo = {"max_completion_length": 256, "per_device_train_batch_size": 2 * 8 // gpus, "gradient_accumulation_steps": 1,
+                "optim": "adamw_torch"}
         return {"model": {"generation": "transformers"}, "grpo": grpo,
                 "launch": {"num_processes": gpus, "config": MEMORY[layout]}}
     training = {"one-gpu": 1, "ddp-colocate": gpus, "server": gpus - server_gpus}[layout]

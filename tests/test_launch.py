@@ -37,8 +37,9 @@ SERVER = {"grpo": {"vllm_mode": "server"}, "model": {"generation": "vllm"}}
     ({**SERVER, "launch": {"gpus": [0], "vllm_server": {"enabled": True, "gpus": [0]}}}, "overlap"),
     ({"launch": {"vllm_server": {"enabled": True}}}, "set grpo.vllm_mode: server"),
     ({"launch": {"config": "zero4"}}, "launch.config"),
+    ({"launch": {"config": "fsdp2"}, "grpo": {"optim": "adamw_8bit"}}, "grpo.optim is 'adamw_8bit': use adamw_torch"),
 ])
-def test_bad_launch_params_fail_at_load_time(overrides, phrase):
+def test_bad_launch_params_fail_at_load_time(overrides, phrase):  # fsdp2 + 8-bit: seen on 2x H200
     with pytest.raises(ParamsError, match="launch") as err:
         tiny(overrides)
     assert phrase in str(err.value)

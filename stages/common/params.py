@@ -476,6 +476,13 @@ class Params(Section):
         if self.launch.vllm_server.enabled and (g.vllm_mode != "server" or m.generation == "transformers"):
             raise ValueError(f"launch.vllm_server.enabled starts a rollout server, but grpo.vllm_mode is {g.vllm_mode!r} and "
                              f"model.generation is {m.generation!r}: set grpo.vllm_mode: server (and model.generation: vllm or auto)")
+        if self.launch.config == "fsdp2":
+            # seen on 2x H200: bitsandbytes' 8-bit update gets FSDP2's sharded DTensors and raises at the first optimizer step
+            stages = [("sft", self.sft)] * self.sft.enabled + [("grpo", g)]
+            eight_bit = [f"{name}.optim is {section.optim!r}" for name, section in stages if "8bit" in section.optim]
+            if eight_bit:
+                raise ValueError(f"launch.config fsdp2 shards the weights, and bitsandbytes' 8-bit optimizers cannot update "
+                                 f"sharded tensors; {', '.join(eight_bit)}: use adamw_torch or adamw_torch_fused")
         return self
 
 
