@@ -16,8 +16,8 @@ import argparse
 import csv
 import json
 import os
+import queue
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,11 +63,8 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log
     work.mkdir(parents=True)
     raw = merge(resolve(preset).model_dump(), {"project": {"seed": seed}, "sft": {"seed": seed}, "grpo": {"seed": seed}})
     (work / "params.yaml").write_text(render(validate(apply_overrides(raw, overrides))))
-    # MASTER_PORT: each seed's colocated vLLM engine opens a torch.distributed store (TRL's colocate mode).
-    # Left unset, TRL 1.14 takes 29500 whenever it is free at that moment (trl.trainer.utils._find_free_port),
-    # so seeds starting together all took it and collided (H200, 2026-11-30); each gets its own port here.
-    seed_env = {**env, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns"),
-                "MASTER_PORT": str(free_port())}
+    # Seeds starting together each get their own rendezvous port from the grpo stage (ranks.own_rendezvous_port).
+    seed_env = {**env, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns")}
     times, engines = {}, []
     for stage in STAGES:
         start = time.perf_counter()
@@ -90,11 +87,6 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log
         "curve": rows, "hacking": hacking_flag(rows),
     }
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def machine() -> str:
@@ -128,12 +120,40 @@ def plot(results: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def gpus_for_seeds(preset: str, overrides: dict, parallel: int) -> "queue.Queue[int] | None":
+    """With vLLM generation, seeds run at once need a GPU each: a queue of this machine's GPUs to
+    hand out; None when seeds may share (one at a time, transformers generation, no GPU).
+
+    A colocated vLLM engine sizes its KV cache from the GPU memory in use while it starts, other
+    processes' included: with three seeds on one H200 (2026-11-30), the engine that started while the
+    other seeds trained found no memory for its cache and the seed failed."""
+    from stages.common.params import apply_overrides, validate
+    from stages.preset import resolve
+
+    generation = validate(apply_overrides(resolve(preset).model_dump(), overrides)).model.generation
+    if parallel < 2 or generation == "transformers":
+        return None
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return None
+    if parallel > count:
+        raise SystemExit(f"--parallel {parallel} with model.generation {generation}: each seed's vLLM engine needs a GPU "
+                         f"of its own and this machine has {count}; use --parallel {count} or "
+                         f"--set model.generation=transformers")
+    free: queue.Queue[int] = queue.Queue()
+    for gpu in range(count):
+        free.put(gpu)
+    return free
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="learn")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--parallel", type=int, default=1, help="seeds run at once (each in its own workspace; for a GPU)")
+    parser.add_argument("--parallel", type=int, default=1, help="seeds run at once (each in its own workspace; for a GPU; with vLLM one GPU per seed)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
     args = parser.parse_args()
     from stages.common.params import parse_overrides
@@ -145,8 +165,19 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="learning-"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    gpus = gpus_for_seeds(args.preset, overrides, args.parallel)
+
+    def one_seed(seed: int) -> dict:
+        if gpus is None:
+            return run_seed(seed, args.preset, overrides, base, env, out)
+        gpu = gpus.get()  # a GPU no running seed holds
+        try:
+            return run_seed(seed, args.preset, overrides, base, {**env, "CUDA_VISIBLE_DEVICES": str(gpu)}, out)
+        finally:
+            gpus.put(gpu)
+
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        results = list(pool.map(lambda s: run_seed(s, args.preset, overrides, base, env, out), args.seeds))
+        results = list(pool.map(one_seed, args.seeds))
     done = [r for r in results if "failed_stage" not in r]
     gains = [r["grpo_minus_sft"] for r in done]
     median = statistics.median(gains) if gains else None

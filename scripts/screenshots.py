@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,15 +25,11 @@ from flows import browser
 from flows.ui import mlflow_command
 from flows.workspace import declared_path
 from stages.common import tracking
+from stages.common.ranks import free_port
 from stages.common.params import ROOT, load_params
 
 DOCS = ROOT / "docs"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def report_picture(html: Path, out: Path, height: int) -> None:

@@ -115,6 +115,7 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     if generation == "vllm" and backend == "trl" and g.vllm_mode == "colocate":
         avoid_vllm_dummy_run_overflow(config.per_device_train_batch_size * config.vllm_tensor_parallel_size
                                       * config.steps_per_generation, config.vllm_max_model_length)
+        ranks.own_rendezvous_port()
     # Several processes: the main one alone measures KL, on its share of the batch; with sharded weights
     # (ZeRO-3, FSDP) a forward pass needs every rank, so the monitor is off.
     monitor_kl = g.beta == 0 and g.monitor_kl and not ranks.sharded()

@@ -250,6 +250,42 @@ def test_vllm_v1_runner_only_where_trls_warm_up_would_overrun_v2(monkeypatch, ca
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # the user's choice stands
     assert not avoid_vllm_dummy_run_overflow(8, 224) and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
 
+def test_a_single_colocated_run_takes_its_own_free_rendezvous_port(monkeypatch):
+    # two runs starting together both took TRL's 29500 (H200, 2026-11-30): each now binds a port the OS picks
+    import socket
+
+    from stages.common.ranks import own_rendezvous_port
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    port = own_rendezvous_port()
+    assert port and os.environ["MASTER_PORT"] == str(port)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # it is free: the store can listen there
+    assert own_rendezvous_port() is None and os.environ["MASTER_PORT"] == str(port)  # set: left alone
+    monkeypatch.delenv("MASTER_PORT")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched processes share the launcher's port
+    assert own_rendezvous_port() is None and "MASTER_PORT" not in os.environ
+
+
+def test_learning_bench_gives_each_parallel_vllm_seed_a_gpu(monkeypatch):
+    # GPU counts are stand-ins (no GPU here); on the H200, three vLLM seeds on one GPU failed to size their caches
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning
+
+    vllm = {"model": {"generation": "vllm"}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpus = learning.gpus_for_seeds("learn-gpu", vllm, 2)
+    assert sorted(gpus.get() for _ in range(2)) == [0, 1]
+    with pytest.raises(SystemExit, match="--parallel 3 with model.generation vllm.*has 2; use --parallel 2"):
+        learning.gpus_for_seeds("learn-gpu", vllm, 3)
+    assert learning.gpus_for_seeds("learn-gpu", {"model": {"generation": "transformers"}}, 3) is None
+    assert learning.gpus_for_seeds("learn-gpu", vllm, 1) is None
+
+
 @pytest.mark.slow
 def test_continuous_training_takes_new_prompts_first_and_continues_the_lr_schedule(tmp_path, prepared_dir, base_dir,
                                                                                    mlruns_dir):

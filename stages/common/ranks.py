@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 from typing import Any, Callable
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -28,6 +29,28 @@ def world_size() -> int:
 def is_main() -> bool:
     """Global rank 0, or a process not started by a distributed launcher."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def free_port() -> int:
+    """A TCP port no process listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def own_rendezvous_port() -> int | None:
+    """Give a single process its own free MASTER_PORT; the port, or None when left alone.
+
+    A colocated vLLM engine opens a torch.distributed store even in one process, and with
+    MASTER_PORT unset TRL 1.14 takes 29500 whenever it is free at that moment, so two runs
+    starting together on one machine (`dvc queue start -j 2`, parallel seeds) both took it and one
+    failed with EADDRINUSE (seen on the H200). Launched processes and a user's MASTER_PORT are left alone.
+    """
+    if "MASTER_PORT" in os.environ or world_size() > 1:
+        return None
+    port = free_port()
+    os.environ["MASTER_PORT"] = str(port)
+    return port
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
