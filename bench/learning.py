@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/learning.py [--seeds 0 1 2] [--preset learn] [--set grpo.max_steps=150]
     python3 bench/learning.py --preset learn-gpu --parallel 3 --out bench/results/learning_gpu.json   # on a GPU
+    python3 bench/learning.py --merge a.json b.json --out all.json     # seeds run in separate calls, one median
 
 For each seed, in a fresh workspace (PIPELINE_WORKDIR), the real stages run as DVC would run
 them: prepare (synthetic 2-digit addition), base_model (tokenizer + random Llama), sft (short
@@ -120,6 +121,51 @@ def plot(results: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def report(results: list[dict], meta: dict, out: Path) -> None:
+    """Write the summary JSON (and the curves' PNG when the runs carry them), print the table, and
+    exit nonzero when a seed failed."""
+    done = [r for r in results if "failed_stage" not in r]
+    gains = [r["grpo_minus_sft"] for r in done]
+    median = statistics.median(gains) if gains else None
+    summary = {**meta, "median_gain_points": None if median is None else round(100 * median, 1),
+               "goal_met": len(done) == len(results) and median >= 0.25,
+               "per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in results]}
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    if done and all("curve" in r for r in done):
+        plot(done, out.with_suffix(".png"))
+    print("| seed | base | SFT | GRPO | GRPO - SFT | wall s | hacking flag |\n|---|---|---|---|---|---|---|")
+    for r in results:
+        if "failed_stage" in r:
+            print(f"| {r['seed']} | failed in {r['failed_stage']} | | | | | |")
+            continue
+        a = r["accuracy"]
+        print(f"| {r['seed']} | {a['base']:.1%} | {a['sft']:.1%} | {a['grpo']:.1%} | {100 * r['grpo_minus_sft']:+.1f} pts "
+              f"| {r['total_seconds']} | {r['hacking']['flagged']} |")
+    if median is not None:
+        print(f"median gain: {summary['median_gain_points']:+.1f} points over {len(done)} of {len(results)} seeds (goal +25)")
+    if len(done) < len(results):
+        raise SystemExit(f"{len(results) - len(done)} seed(s) failed; their logs: {out.with_suffix('.seed*.log')}")
+
+
+def merge(files: list[Path], out: Path) -> None:
+    """One summary from runs of the same preset and overrides made in several calls (a GPU machine's
+    10-minute limit fits two vLLM seeds): each seed's last finished result wins; no PNG (the JSON
+    keeps no curves)."""
+    runs = [json.loads(f.read_text()) for f in files]
+    recipes = {json.dumps([r["preset"], r["overrides"]], sort_keys=True) for r in runs}
+    if len(recipes) > 1:
+        raise SystemExit(f"--merge: the runs differ in preset or overrides ({sorted(recipes)}); only runs of one recipe "
+                         "can share a median")
+    seeds: dict[int, dict] = {}
+    for run in runs:
+        for r in run["per_seed"]:
+            if "failed_stage" not in r or r["seed"] not in seeds:
+                seeds[r["seed"]] = {**r, "run_date": run["date"]}
+    report([seeds[k] for k in sorted(seeds)], {"date": time.strftime("%Y-%m-%d"), "machine": runs[-1]["machine"],
+                                               "preset": runs[0]["preset"], "overrides": runs[0]["overrides"],
+                                               "merged_from": [str(f) for f in files]}, out)
+
+
 def gpus_for_seeds(preset: str, overrides: dict, parallel: int) -> "queue.Queue[int] | None":
     """With vLLM generation, seeds run at once need a GPU each: a queue of this machine's GPUs to
     hand out; None when seeds may share (one at a time, transformers generation, no GPU).
@@ -155,7 +201,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--parallel", type=int, default=1, help="seeds run at once (each in its own workspace; for a GPU; with vLLM one GPU per seed)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="combine the JSON of earlier runs of one recipe into --out (no training)")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     from stages.common.params import parse_overrides
 
     overrides = parse_overrides(args.overrides)
@@ -178,31 +228,9 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         results = list(pool.map(one_seed, args.seeds))
-    done = [r for r in results if "failed_stage" not in r]
-    gains = [r["grpo_minus_sft"] for r in done]
-    median = statistics.median(gains) if gains else None
-    summary = {
-        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "parallel": args.parallel, "preset": args.preset,
-        "overrides": overrides, "median_gain_points": None if median is None else round(100 * median, 1),
-        "goal_met": len(done) == len(results) and median >= 0.25,
-        "per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in results],
-    }
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    if done:
-        plot(done, out.with_suffix(".png"))
-    print("| seed | base | SFT | GRPO | GRPO - SFT | wall s | hacking flag |\n|---|---|---|---|---|---|---|")
-    for r in results:
-        if "failed_stage" in r:
-            print(f"| {r['seed']} | failed in {r['failed_stage']} | | | | | |")
-            continue
-        a = r["accuracy"]
-        print(f"| {r['seed']} | {a['base']:.1%} | {a['sft']:.1%} | {a['grpo']:.1%} | {100 * r['grpo_minus_sft']:+.1f} pts "
-              f"| {r['total_seconds']} | {r['hacking']['flagged']} |")
-    if median is not None:
-        print(f"median gain: {summary['median_gain_points']:+.1f} points over {len(done)} of {len(results)} seeds (goal +25)")
     shutil.rmtree(base, ignore_errors=True)
-    if len(done) < len(results):
-        raise SystemExit(f"{len(results) - len(done)} seed(s) failed; their logs: {out.with_suffix('.seed*.log')}")
+    report(results, {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "parallel": args.parallel,
+                     "preset": args.preset, "overrides": overrides}, out)
 
 
 if __name__ == "__main__":

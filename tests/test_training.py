@@ -286,6 +286,34 @@ def test_learning_bench_gives_each_parallel_vllm_seed_a_gpu(monkeypatch):
     assert learning.gpus_for_seeds("learn-gpu", vllm, 1) is None
 
 
+def test_learning_bench_merges_seeds_run_in_separate_calls(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning
+
+    def seed(n, gain=None):
+        if gain is None:
+            return {"seed": n, "failed_stage": "grpo"}
+        return {"seed": n, "accuracy": {"base": 0.0, "sft": 0.4, "grpo": 0.4 + gain}, "grpo_minus_sft": gain,
+                "total_seconds": 1.0, "hacking": {"flagged": False}}
+
+    def run(name, seeds, overrides=None):
+        file = tmp_path / name
+        file.write_text(json.dumps({"date": "2026-11-30", "machine": "m", "preset": "learn-gpu",
+                                    "overrides": overrides or {"model.generation": "vllm"}, "per_seed": seeds}))
+        return file
+
+    first = run("a.json", [seed(0, 0.24), seed(1), seed(2, 0.432)])
+    second = run("b.json", [seed(1, 0.30)])
+    learning.merge([first, second], tmp_path / "all.json")
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert [s["seed"] for s in merged["per_seed"]] == [0, 1, 2] and merged["median_gain_points"] == 30.0
+    assert merged["goal_met"] and "failed" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="differ in preset or overrides"):
+        learning.merge([first, run("c.json", [seed(1, 0.3)], {"model.generation": "transformers"})], tmp_path / "x.json")
+    with pytest.raises(SystemExit, match="1 seed\\(s\\) failed"):  # a seed still missing keeps the verdict open
+        learning.merge([first], tmp_path / "y.json")
+
+
 @pytest.mark.slow
 def test_continuous_training_takes_new_prompts_first_and_continues_the_lr_schedule(tmp_path, prepared_dir, base_dir,
                                                                                    mlruns_dir):
