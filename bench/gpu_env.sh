@@ -3,6 +3,8 @@
 #   .whl/house  ../shared/tools/gpu-wheelhouse.sh with TRL_VERSION=1.14.2 (Unsloth + TRL)
 #   .whl/bench  bench/gpu_bench_wheels.sh (what the stages import that the GPU image lacks)
 #   .whl/learn  bench/gpu_learn_wheels.sh, when carried (lm-eval, MLflow's SQLite store)
+#   .whl/zero3  bench/gpu_zero3_wheels.sh, when carried: DeepSpeed into /tmp/zero3, which only
+#               bench/gpu_scaling.py's memory-zero3 layout puts on its PYTHONPATH
 #   vLLM 0.26.0 from ../shared/tools/gpu-vllm-wheelhouse.sh, when its parts were copied to
 #   /tmp/parts by earlier runs on the same machine (its header says how): joined and installed once
 #   into /tmp/vsite. vLLM's pins win: a package it brings is not installed again from the folders
@@ -23,6 +25,9 @@ for w in .whl/house/*.whl .whl/bench/*.whl .whl/learn/*.whl; do
 done
 [ -d /tmp/site/trl ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "${wheels[@]}" || exit 1
+if ls .whl/zero3/*.whl >/dev/null 2>&1 && [ ! -d /tmp/zero3/deepspeed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/zero3 .whl/zero3/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$vsite PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
        UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false \
        VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1

@@ -25,7 +25,8 @@ the steps after --warmup, read from the stage's own MLflow run: step_seconds and
 throughput/generated_tokens_per_s (all processes' completions).
 
 Memory, Llama-3.1-8B shapes, LoRA r32 in 16-bit, 2 prompts x 8 x 256 tokens with transformers
-generate, AdamW in 32-bit: rank 0's peak CUDA memory under ddp, fsdp2 and zero3 (zero3 needs deepspeed installed).
+generate, AdamW in 32-bit: rank 0's peak CUDA memory under ddp, fsdp2 and zero3 (zero3 needs deepspeed:
+carry .whl/zero3 from bench/gpu_zero3_wheels.sh).
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ def run_layout(args) -> None:
     prepare_workspace(work, base_dir, params)
     env = {**os.environ, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns"),
            "MLFLOW_EXPERIMENT_NAME": f"scaling-{args.layout}"}
+    if args.layout == "memory-zero3" and Path("/tmp/zero3/deepspeed").is_dir():  # bench/gpu_env.sh put it there
+        env["PYTHONPATH"] = os.pathsep.join(p for p in ("/tmp/zero3", env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "stages.launch", "grpo"]
     dry = subprocess.run([*cmd, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     start = time.perf_counter()
