@@ -1,6 +1,6 @@
 """Real servers on loopback for the tests: process helpers, single-machine servers, and the team stack.
 
-Helpers: `free_port`, `wait_healthy`, `background` (a process group for the duration of a block).
+Helpers: `free_port` (stages.common.ranks), `wait_healthy`, `background` (a process group for the duration of a block).
 Single machine: `mlflow_server` (SQLite store, local artifacts).
 
 The team stack of README "Team mode" and docker-compose.yml, as session fixtures (registered
@@ -35,7 +35,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from stages.common.ranks import free_port
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +69,6 @@ PORTS = {"postgres": 5432, "s3": 5000, "mlflow": 5000, "prefect-server": 4200}
 
 
 # ------------------------------------------------------------------ processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout

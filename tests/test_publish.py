@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from stages import model_card
 from stages.common.params import ParamsError
+from stages.common.ranks import free_port
 from tests.conftest import tiny
 from tests.hub_double import USER, serve
 from tests.test_model_card import plant_run
@@ -131,11 +131,6 @@ def test_every_request_carries_the_token_and_no_output_shows_it(published):
 
 
 # --------------------------------------------------------------------------- refusals
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory, base_dir, prepared_dir):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 
 from stages import evaluate, model_card, register
 from stages.common.answer_format import AnswerFormat
+from stages.common.ranks import free_port
 from stages.register import CANDIDATE, CHAMPION, EvalRecord, decide, differences, mcnemar
 from tests.conftest import tiny
 
@@ -367,11 +367,6 @@ def test_champion_answers_questions(registered):
 
 
 # --------------------------------------------------------------------------- serving
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.servers
 @pytest.mark.slow  # 13 s on an idle machine, 45 s with the CPU shared; a fresh process pays the imports

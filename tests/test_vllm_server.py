@@ -6,19 +6,14 @@ server, whose health endpoint its client (VLLMClient.check_server) reads at /hea
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import time
 
 import pytest
 
+from stages.common.ranks import free_port
 from stages.common.vllm_server import VLLMServerUnavailable, check_health
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_no_server_fails_fast_with_the_fix():
