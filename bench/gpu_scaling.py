@@ -183,7 +183,7 @@ def main() -> None:
     run.add_argument("--gpus", type=int, default=2, help="GPUs of this machine the layout may use")
     run.add_argument("--server-gpus", type=int, default=1, help="server layout: GPUs for `trl vllm-serve` (data parallel)")
     run.add_argument("--micro-batch", type=int, default=64, help="completions per process per micro-batch")
-    run.add_argument("--steps", type=int, default=8, help="grpo.max_steps")
+    run.add_argument("--steps", type=int, default=6, help="grpo.max_steps (6: what session 6 measured)")
     run.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     run.add_argument("--base-dir", type=Path, default=Path("/tmp/bench_grpo/base"), help="random models (reused)")
     run.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_scaling"), help="one workspace per layout")
