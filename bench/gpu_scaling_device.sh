@@ -4,8 +4,8 @@
 # e.g. bash bench/gpu_scaling_device.sh 2 one-gpu ddp-colocate server memory-ddp memory-fsdp2
 # Installs the carried wheels and records the machine (bench/gpu_env.sh), then runs
 # bench/gpu_scaling.py once per layout, each under a 540 s limit (the device tool allows 10 minutes
-# per command: run the layouts in separate calls when they do not fit together). Results, stage
-# logs and the tables go to $OUT.
+# per command: run the layouts in separate calls when they do not fit together; on 2x H200 with 6
+# steps they took 117-173 s each). Results, stage logs and the tables go to $OUT.
 set -u
 source bench/gpu_env.sh
 gpus=$1; shift
