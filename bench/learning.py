@@ -89,7 +89,6 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log
     }
 
 
-
 def machine() -> str:
     import torch
 

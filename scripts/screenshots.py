@@ -25,11 +25,10 @@ from flows import browser
 from flows.ui import mlflow_command
 from flows.workspace import declared_path
 from stages.common import tracking
-from stages.common.ranks import free_port
 from stages.common.params import ROOT, load_params
+from stages.common.ranks import free_port
 
 DOCS = ROOT / "docs"
-
 
 
 def report_picture(html: Path, out: Path, height: int) -> None:

@@ -250,6 +250,7 @@ def test_vllm_v1_runner_only_where_trls_warm_up_would_overrun_v2(monkeypatch, ca
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # the user's choice stands
     assert not avoid_vllm_dummy_run_overflow(8, 224) and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
 
+
 def test_a_single_colocated_run_takes_its_own_free_rendezvous_port(monkeypatch):
     # two runs starting together both took TRL's 29500 (H200, 2026-11-30): each now binds a port the OS picks
     import socket

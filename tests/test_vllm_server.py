@@ -15,7 +15,6 @@ from stages.common.ranks import free_port
 from stages.common.vllm_server import VLLMServerUnavailable, check_health
 
 
-
 def test_no_server_fails_fast_with_the_fix():
     port = free_port()
     start = time.monotonic()
