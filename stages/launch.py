@@ -95,7 +95,7 @@ def training_command(launch: LaunchParams, module: str, gpus: list[int] | None) 
     """The training command and the environment it adds. One DDP process in all runs as plain
     `python -m module` on its GPU (CUDA_VISIBLE_DEVICES): accelerate refuses a multi-GPU config with a
     single GPU id ("Less than two GPU ids were configured"), which is the server layout on 2 GPUs."""
-    if launch.num_processes == 1 and launch.num_machines == 1 and launch.config == "ddp":
+    if launch.one_process:
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus is not None else {}
         return [sys.executable, "-m", module], env
     return accelerate_command(launch, module, gpus), {}

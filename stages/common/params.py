@@ -444,10 +444,14 @@ class LaunchParams(Section):
         return self
 
     @property
+    def one_process(self) -> bool:
+        """One DDP process in all: nothing for accelerate to launch (it may still be pinned to a GPU)."""
+        return self.num_processes == 1 and self.num_machines == 1 and self.config == "ddp"
+
+    @property
     def plain(self) -> bool:
         """Nothing asked of accelerate: the stage runs as one plain process."""
-        return (self.num_processes == 1 and self.num_machines == 1 and self.config == "ddp" and self.gpus is None
-                and not self.vllm_server.enabled)
+        return self.one_process and self.gpus is None and not self.vllm_server.enabled
 
 
 class Params(Section):
@@ -478,8 +482,8 @@ class Params(Section):
                              f"model.generation is {m.generation!r}: set grpo.vllm_mode: server (and model.generation: vllm or auto)")
         if self.launch.config == "fsdp2":
             # seen on 2x H200: bitsandbytes' 8-bit update gets FSDP2's sharded DTensors and raises at the first optimizer step
-            stages = [("sft", self.sft)] * self.sft.enabled + [("grpo", g)]
-            eight_bit = [f"{name}.optim is {section.optim!r}" for name, section in stages if "8bit" in section.optim]
+            optimizers = {**({"sft": self.sft.optim} if self.sft.enabled else {}), "grpo": g.optim}
+            eight_bit = [f"{name}.optim is {optim!r}" for name, optim in optimizers.items() if "8bit" in optim]
             if eight_bit:
                 raise ValueError(f"launch.config fsdp2 shards the weights, and bitsandbytes' 8-bit optimizers cannot update "
                                  f"sharded tensors; {', '.join(eight_bit)}: use adamw_torch or adamw_torch_fused")
