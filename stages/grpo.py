@@ -95,7 +95,8 @@ def run(params: Params, prompts_file: Path, base_dir: Path, sft_dir: Path, out_d
     # ---- model: continue from the SFT adapter (or full model) when there is one
     init = sft_dir if sft_dir and ((sft_dir / "adapter_config.json").exists() or (sft_dir / "config.json").exists()) else None
     model, tokenizer = load_for_training(m, base_dir, backend, init_adapter=init,
-                                         fast_inference=backend == "unsloth" and generation == "vllm", seed=g.seed)
+                                         fast_inference=backend == "unsloth" and generation == "vllm", seed=g.seed,
+                                         gradient_checkpointing=g.gradient_checkpointing)
 
     # ---- data and rewards
     data, dropped, prompt_lengths = load_prompts(prompts_file, tokenizer, g.max_prompt_length)

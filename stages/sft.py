@@ -45,7 +45,8 @@ def run(params: Params, sft_file: Path, base_dir: Path, out_dir: Path, callbacks
         import unsloth  # noqa: F401
     from stages.common.training import MlflowMetricsCallback, load_for_training, precision_flags, save_trained
 
-    model, tokenizer = load_for_training(m, base_dir, backend, seed=s.seed)
+    model, tokenizer = load_for_training(m, base_dir, backend, seed=s.seed,
+                                         gradient_checkpointing=s.gradient_checkpointing)
 
     import datasets
     from trl import SFTConfig, SFTTrainer

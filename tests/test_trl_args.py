@@ -28,7 +28,8 @@ def test_values_arrive_in_the_config():
     from trl import GRPOConfig
 
     g = tiny({"grpo": {"vllm_importance_sampling_mode": "token_truncate", "epsilon_high": None, "epsilon": 0.25,
-                       "top_k": None, "beta": 0.04, "vllm_max_model_length": 640, "seed": 11}}).grpo
+                       "top_k": None, "beta": 0.04, "vllm_max_model_length": 640, "seed": 11,
+                       "gradient_checkpointing": False}}).grpo
     kwargs = trl_args.grpo_kwargs(g, GRPOConfig, backend="trl")
     assert kwargs["vllm_importance_sampling_mode"] == "token_truncate" and kwargs["beta"] == 0.04
     assert kwargs["epsilon_high"] == 0.25 and kwargs["top_k"] == 0
@@ -36,6 +37,7 @@ def test_values_arrive_in_the_config():
     assert "rewards" not in kwargs and "monitor_kl" not in kwargs
     config = GRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none", **kwargs)
     assert config.vllm_importance_sampling_mode == "token_truncate"
+    assert config.gradient_checkpointing is False  # TRL's default is True
 
 
 def test_a_field_nobody_maps_fails_loudly():

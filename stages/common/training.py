@@ -51,7 +51,8 @@ def optimizer(name: str, backend: str) -> str:
 
 
 def load_for_training(m: ModelParams, base_dir: Path, backend: str, init_adapter: Path | None = None,
-                      fast_inference: bool = False, seed: int = 0) -> tuple[Any, Any]:
+                      fast_inference: bool = False, seed: int = 0,
+                      gradient_checkpointing: bool = True) -> tuple[Any, Any]:
     """(model, tokenizer) with a trainable LoRA (or full weights when LoRA is off).
 
     init_adapter: an earlier stage's output to continue from: a LoRA adapter folder (its
@@ -73,7 +74,8 @@ def load_for_training(m: ModelParams, base_dir: Path, backend: str, init_adapter
         if m.lora.enabled:
             model = FastLanguageModel.get_peft_model(
                 model, r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
-                target_modules=m.lora.target_modules, use_gradient_checkpointing="unsloth", random_state=seed)
+                target_modules=m.lora.target_modules, random_state=seed,
+                use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
             if adapter_dir:
                 _load_adapter_weights(model, adapter_dir)
         return model, tokenizer
