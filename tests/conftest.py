@@ -11,6 +11,7 @@ thread per core.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,31 @@ os.environ.pop("PIPELINE_PARENT_RUN_ID", None)
 # creating one SQLite store at once race in its migrations (seen on the GPU tier: alembic CommandError).
 _MLRUNS = Path(f"/tmp/gsm8k-grpo-tests-{os.getpid()}/mlruns")
 os.environ["PIPELINE_MLRUNS_DIR"] = str(_MLRUNS)
+
+
+def _modules_using_the_harness() -> set[str]:
+    """Test files (as xdist names them, tests/test_x.py) with a test that takes the `harness` fixture."""
+    here = Path(__file__).resolve().parent
+    uses = re.compile(r"^def test_\w+\([^)]*\bharness\b", re.M)
+    return {f"tests/{f.name}" for f in here.glob("test_*.py") if uses.search(f.read_text())}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (each module on one worker, its module fixtures built once), except that the
+    modules using the in-process Prefect `harness` share one worker: its server start (15-20 s on
+    2 cores) is then paid once per run instead of once per worker."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    together = _modules_using_the_harness()
+
+    class HarnessModulesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "tests/(modules using the prefect harness)" if module in together else module
+
+    return HarnessModulesTogether(config, log)
 
 
 def tiny(overrides: dict[str, Any] | None = None, preset: str = "tiny"):
