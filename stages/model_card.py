@@ -259,7 +259,7 @@ def build(kind: str, params: Params, inputs: CardInputs) -> tuple[Any, dict[str,
     """The ModelCard of one model folder, and the facts it was rendered from."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from stages.common.models import base_info, load_tokenizer
+    from stages.common.models import base_info, load_chat_tokenizer
     from stages.register import dvc_lock_md5
 
     m, fmt = params.model, params.project.answer_format.build()
@@ -311,7 +311,7 @@ def build(kind: str, params: Params, inputs: CardInputs) -> tuple[Any, dict[str,
                               "size": f"{record['bytes'] / 2**20:.1f} MiB", "accuracy": pct(record["accuracy"]),
                               "same": pct(record.get("same_answers_as_merged")), "tps": record.get("tokens_per_second", "-")})
     gguf_file = next(iter(gguf["files"].values()))["file"] if kind == "gguf" else None
-    tokenizer = load_tokenizer(inputs.merged_dir)
+    tokenizer = load_chat_tokenizer(inputs.merged_dir)
     sample = example(inputs.samples_file)
     if sample is None:
         example_facts = {"doc_id": "-", "prompt": fence(tokenizer.apply_chat_template(

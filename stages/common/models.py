@@ -88,6 +88,17 @@ def load_tokenizer(path: str | Path, **kw: Any):
     return tok
 
 
+def load_chat_tokenizer(path: str | Path):
+    """A tokenizer for rendering chat templates: the fast tokenizer straight from tokenizer.json when the
+    folder has one, since importing AutoTokenizer pulls in transformers' model registry (about 4 s of a
+    2-core machine, most of the model_card stage); else load_tokenizer."""
+    if not (Path(path) / "tokenizer.json").exists():
+        return load_tokenizer(path)
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
 def save_tokenizer(tokenizer, out: Path, sources: list[Path]) -> None:
     """save_pretrained, plus `tokenizer.model` copied from the first of `sources` holding one:
     transformers 5 no longer writes it, and llama.cpp's converter (among others) reads it."""
