@@ -45,6 +45,7 @@ def digest(root: Path) -> dict[str, str]:
             for f in sorted(root.rglob("*")) if f.is_file()}
 
 
+@pytest.mark.slow  # three flow runs, 15-23 s: over test-fast's share (make test runs it)
 def test_new_data_that_would_rebuild_the_tiny_base_model_is_refused(harness, tmp_path, mlruns_dir):
     repo = make_dvc_repo(tmp_path / "repo", {
         "prepare": copy_stage("src.txt", "data/prepared/train.txt"),
