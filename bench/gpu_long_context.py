@@ -41,7 +41,7 @@ def bench_params(args, base_model: Path):
     from stages.preset import resolve
 
     longest = max(args.lengths)
-    raw = resolve("llama3.1-8b").model_dump()
+    raw = resolve("qwen3-1.7b" if args.shapes == "qwen3-1.7b" else "llama3.1-8b").model_dump()
     raw["model"].update(name_or_path=str(base_model), backend=args.backend, generation="transformers",
                         dtype="bfloat16" if args.shapes != "small" else "auto", load_in_4bit=args.load_in_4bit,
                         max_seq_length=256 + longest)
@@ -100,7 +100,8 @@ def main() -> None:
     ap.add_argument("--backend", choices=["unsloth", "trl"], required=True, help="model.backend for the stage")
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384], help="completion tokens per step, ascending")
     ap.add_argument("--load-in-4bit", action="store_true", help="QLoRA, as presets/llama3.1-8b.yaml (default: bf16 LoRA on both)")
-    ap.add_argument("--shapes", choices=["llama3.1-8b", "small"], default="llama3.1-8b", help="model shapes (small: CPU check)")
+    ap.add_argument("--shapes", choices=["llama3.1-8b", "qwen3-1.7b", "small"], default="llama3.1-8b",
+                    help="model shapes (qwen3-1.7b: with presets/qwen3-1.7b.yaml; small: CPU check)")
     ap.add_argument("--base-dir", type=Path, default=Path("/tmp/bench_grpo/base"), help="where the random model is built (reused)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_grpo/long"), help="scratch: stage outputs, Unsloth's cache")
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
@@ -131,12 +132,12 @@ def main() -> None:
                   "completions_per_step": 8, "trainer_class": seen.get("trainer_class"),
                   "memory_after_model_load": seen.get("after_load"), "wall_seconds_run": round(time.perf_counter() - started, 1),
                   **host, "lora": params.model.lora.model_dump(),
-                  "steps": steps, "per_step_history": probe.callback.history if probe.callback else []}
+                  "steps": steps, "per_step_history": probe.rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     def on_step() -> None:
-        row = probe.callback.history[-1]
+        row = probe.rows[-1]
         if "completions/mean_length" not in row:  # the trainer's closing summary log, not a step
             return
         length = args.lengths[len(steps)]
@@ -147,10 +148,12 @@ def main() -> None:
         write_result("running")
 
     probe.on_step = on_step
-    gpu_grpo.instrument(probe)
+    grpo.import_backend(args.backend, "transformers", standby=False)  # as the stage does
+    probe.time_trl_phases()
     fix_completions(args.lengths, seen)
     try:
-        grpo.run(params, prompts, base_dir, work / "no_sft", work / "grpo_out", work / "ckpt", work / "plots")
+        grpo.run(params, prompts, base_dir, work / "no_sft", work / "grpo_out", work / "ckpt", work / "plots",
+                 callbacks=[probe.callback()])
     except Exception as err:  # noqa: BLE001  out of memory at a length: keep the lengths that fit
         import torch
 
