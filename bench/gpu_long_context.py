@@ -2,10 +2,12 @@
 
     python bench/gpu_long_context.py --backend unsloth --lengths 4096 8192 16384 --out bench/results/long_unsloth.json
     python bench/gpu_long_context.py --backend trl --lengths 4096 8192 16384 --out bench/results/long_trl.json
+    python bench/gpu_long_context.py --backend unsloth --shapes qwen3-1.7b --lengths 16384 32768 40704 --out ...
     python bench/gpu_long_context.py --backend trl --shapes small --lengths 32 64 --out /tmp/long.json   # CPU check
 
 Runs `stages.grpo.run(...)` unchanged on a randomly initialised model with the Llama-3.1-8B
-shapes (bf16, LoRA r 32 on all 7 projections, gradient checkpointing as each backend sets it),
+shapes (or Qwen3-1.7B's with its preset; bf16, LoRA r 32 on all 7 projections, gradient
+checkpointing as each backend sets it),
 1 prompt x 8 completions per step. Generation is excluded: the trainer's `_generate_single_turn`
 (which both backends call for their completions) is replaced by fixed synthetic completions of
 exactly the step's length (random vocabulary ids, no eos), so a step is reward scoring, the
