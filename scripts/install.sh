@@ -29,6 +29,9 @@ PY
 )
 python -m pip wheel -q --no-deps --wheel-dir .cache/wheels "${reqs[0]}" > .cache/llama-cpp-python-build.log 2>&1 &
 llama_build=$!
+# The gguf stage's converter comes from the same sdist (scripts/fetch_llama_cpp.sh): fetched meanwhile too.
+bash scripts/fetch_llama_cpp.sh > .cache/llama-cpp-converter-fetch.log 2>&1 &
+converter_fetch=$!
 # torch first, pinned to the CPU build, so nothing later pulls the CUDA wheels.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q "torch==2.13.0" "${reqs[@]:1}"
@@ -36,6 +39,9 @@ if ! wait "$llama_build"; then
   echo "install: building ${reqs[0]} failed; its log: .cache/llama-cpp-python-build.log" >&2
   tail -20 .cache/llama-cpp-python-build.log >&2
   exit 1
+fi
+if ! wait "$converter_fetch"; then  # not fatal: the gguf stage fetches it again when it runs
+  echo "install: could not fetch llama.cpp's converter yet (the gguf stage will retry); its log: .cache/llama-cpp-converter-fetch.log" >&2
 fi
 python -m pip install -q --find-links .cache/wheels "torch==2.13.0" -e ".[dev]"
 python -m pip check
