@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.installed-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ]; then exit 0; fi
-echo "install: creating/updating .venv (first time: a few minutes; llama-cpp-python compiles ~5 min)"
+echo "install: creating/updating .venv (the first time about 7 minutes on 2 cores: llama-cpp-python compiles meanwhile)"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
