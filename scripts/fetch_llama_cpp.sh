@@ -11,7 +11,11 @@
 # Needs PyPI (pip download); a second run does nothing. LLAMA_CPP_CACHE moves the cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=0.3.36
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+# The version pyproject.toml pins (one source): converter and compiled library come from the same sdist.
+VERSION=$("$PY" -c 'import tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(next(d.split("==")[1] for d in deps if d.startswith("llama-cpp-python==")))')
 CACHE=${LLAMA_CPP_CACHE:-.cache/llama.cpp}
 DEST=$CACHE/llama.cpp
 STAMP=$DEST/.llama-cpp-python-$VERSION
@@ -20,7 +24,6 @@ if [ -f "$STAMP" ]; then
   echo "$DEST"
   exit 0
 fi
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 mkdir -p "$CACHE"
 # Parallel callers (pytest workers, dvc and a flow) wait for one fetch instead of racing.
 if command -v flock >/dev/null; then

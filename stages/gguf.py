@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +300,7 @@ def run(params: Params, merged: Path, eval_file: Path, out: Path) -> dict[str, A
             print(f"gguf: WARNING {file.name}: llama.cpp did not deliver {kind} for {record['replaced_tensors']}")
         print(f"gguf: ollama create {tag} -f {modelfile}")
     return {
-        "converter": "convert_hf_to_gguf.py from llama-cpp-python 0.3.36's vendored llama.cpp",
+        "converter": f"convert_hf_to_gguf.py from llama-cpp-python {version('llama-cpp-python')}'s vendored llama.cpp",
         "merged": {**merged_score, "tokens_per_second": round(reference["tokens_per_second"], 1)},
         "files": files, "type_mismatch": [k for k, r in files.items() if r["type_mismatch"]],
         "quality_problems": quality_problems(files, g),
