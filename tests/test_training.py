@@ -45,6 +45,23 @@ def test_backend_choice_on_cpu():
     assert models.choose_generation("auto")[0] == "transformers"
 
 
+def test_unsloth_training_turns_cudnn_attention_off_unless_told_to_keep_it(monkeypatch):
+    # torch's backend switches are plain flags, also on a CPU build; the GPU effect is in docs/benchmarks.md
+    import torch
+
+    from stages.common import models
+
+    switch = torch.backends.cuda
+    try:
+        assert models.keep_training_attention_off_cudnn(cuda=False) is False and switch.cudnn_sdp_enabled()
+        monkeypatch.setenv("UNSLOTH_SDPA_TRAIN_CUDNN", "1")
+        assert models.keep_training_attention_off_cudnn(cuda=True) is False and switch.cudnn_sdp_enabled()
+        monkeypatch.delenv("UNSLOTH_SDPA_TRAIN_CUDNN")
+        assert models.keep_training_attention_off_cudnn(cuda=True) is True and not switch.cudnn_sdp_enabled()
+    finally:
+        switch.enable_cudnn_sdp(True)
+
+
 def test_nonfinite_loss_stops_with_clear_error():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 

@@ -21,6 +21,23 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def keep_training_attention_off_cudnn(cuda: bool) -> bool:
+    """Turn torch's cuDNN attention off for the Unsloth backend's training. cuDNN builds a plan for every
+    new (batch, length) shape, ~150 ms each; Unsloth's padding-free batches split into one attention call per
+    run of equal lengths, so nearly every call of every step is a new shape: session 8's 16 x 8 run on the
+    H200 sat 65 s in one backward there (Unsloth turns it off itself only on SM100). Flash and
+    memory-efficient attention need no plan. UNSLOTH_SDPA_TRAIN_CUDNN=1 (Unsloth's own switch) keeps it.
+    Returns whether it turned it off."""
+    import os
+
+    import torch
+
+    if not cuda or os.environ.get("UNSLOTH_SDPA_TRAIN_CUDNN", "0") == "1":
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 

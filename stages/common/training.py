@@ -67,6 +67,9 @@ def load_for_training(m: ModelParams, base_dir: Path, backend: str, init_adapter
     if backend == "unsloth":
         from unsloth import FastLanguageModel  # imported before trl/transformers touch the model
 
+        if models.keep_training_attention_off_cudnn(models.has_cuda()):
+            print("unsloth: torch's cuDNN attention is off for training (a plan per new shape; "
+                  "UNSLOTH_SDPA_TRAIN_CUDNN=1 keeps it)")
         model, _ = FastLanguageModel.from_pretrained(
             model_name=source, max_seq_length=m.max_seq_length, load_in_4bit=m.load_in_4bit,
             fast_inference=fast_inference, max_lora_rank=m.lora.r, gpu_memory_utilization=m.gpu_memory_utilization,
