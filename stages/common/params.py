@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from stages.common.answer_format import AnswerFormat
-from stages.common.paths import PATHS
+from stages.common.paths import PATHS, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 # The workspace's params.yaml: the project root, or PIPELINE_WORKDIR when set (see paths.py).
@@ -552,7 +552,7 @@ def validate(raw: Any, origin: str = "params") -> Params:
 
 def read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return load_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as err:
@@ -595,6 +595,12 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     return validate(raw, origin=str(path))
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def check_runtime(params: Params) -> None:
     """Fail fast on settings this machine cannot run: CUDA-only options, hub ids while offline.
 
@@ -602,13 +608,11 @@ def check_runtime(params: Params) -> None:
     """
     import importlib.util
 
-    cuda = False
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        cuda = torch.cuda.is_available()
     tiny_hint = "Use the tiny CPU profile instead: python -m stages.preset tiny"
-    if not cuda:
+    needs_cuda = params.model.load_in_4bit or params.merge.merged_4bit or params.model.backend == "unsloth"
+    # torch is imported only to answer a question that matters (1.5-2 s of a CPU process's start:
+    # the flow and `python -m stages.check` need no torch otherwise).
+    if needs_cuda and not (importlib.util.find_spec("torch") is not None and _cuda_available()):
         if params.model.load_in_4bit:
             raise ParamsError(f"model.load_in_4bit: got True; 4-bit loading needs CUDA and this machine has none. {tiny_hint}")
         if params.merge.merged_4bit:
