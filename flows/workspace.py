@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
 from filelock import FileLock, Timeout
 
 from stages.common.params import Params, apply_overrides, read_yaml, validate
-from stages.common.paths import declared_paths, dvc_spec
+from stages.common.paths import declared_paths, dvc_spec, load_yaml
 
 LOCK_NAME = ".pipeline.lock"
 OVERRIDES_NOTE = "flows.pipeline applied overrides:"
@@ -138,7 +137,7 @@ def locked_outs_digest(root: Path, stage: str) -> str | None:
     lock_file = root / "dvc.lock"
     if not lock_file.exists():
         return None
-    entry = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}).get(stage)
+    entry = (load_yaml(lock_file.read_text()) or {}).get("stages", {}).get(stage)
     if not entry:
         return None
     outs = sorted((o["path"], o.get("md5", "")) for o in entry.get("outs", []))

@@ -45,13 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
-
 from stages.common import tracking
 from stages.common.dataset import dataset_name
 from stages.common.models import base_info
 from stages.common.params import ROOT, Params, load_params
-from stages.common.paths import metrics_file, path, write_metrics
+from stages.common.paths import load_yaml, metrics_file, path, write_metrics
 from stages.evaluate import CORRECTNESS_FILE, TUNED_OUT
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -190,7 +188,7 @@ def dvc_lock_md5(lock_file: Path, folder: Path) -> str | None:
         rel = folder.resolve().relative_to(lock_file.parent.resolve()).as_posix()
     except ValueError:
         return None
-    stages = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {})
+    stages = (load_yaml(lock_file.read_text()) or {}).get("stages", {})
     for kind in ("outs", "deps"):
         for stage in stages.values():
             for entry in stage.get(kind, []):

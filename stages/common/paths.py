@@ -15,9 +15,16 @@ CODE_ROOT = Path(__file__).resolve().parents[2]
 ROOT = Path(os.environ.get("PIPELINE_WORKDIR") or CODE_ROOT)
 
 
+def load_yaml(text: str):
+    """yaml.safe_load through libyaml's parser where PyYAML has it: the same values, ~10x faster. dvc.yaml,
+    dvc.lock (40 KB) and params.yaml are read several times by each stage and each flow run, ~0.1 s per
+    read of dvc.lock in pure Python."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def dvc_spec(root: Path = CODE_ROOT) -> dict:
     """root's dvc.yaml, parsed: the one reader of that file in the project."""
-    return yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
+    return load_yaml((Path(root) / "dvc.yaml").read_text()) or {}
 
 
 def declared_paths(root: Path = CODE_ROOT) -> dict[str, str]:
@@ -34,7 +41,7 @@ def stage_spec(stage: str, root: Path = CODE_ROOT) -> dict:
     params.yaml (prepare's data files, `${prepare.train_file}`, are deps that way)."""
     spec = dict(dvc_spec(root).get("stages", {}).get(stage) or {})
     params_file = ROOT / "params.yaml"
-    values = {**((yaml.safe_load(params_file.read_text()) if params_file.exists() else None) or {}),
+    values = {**((load_yaml(params_file.read_text()) if params_file.exists() else None) or {}),
               "paths": declared_paths(root)}
 
     def value(match: re.Match) -> str:
