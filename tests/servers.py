@@ -1,7 +1,8 @@
 """Real servers on loopback for the tests: process helpers, single-machine servers, and the team stack.
 
 Helpers: `free_port` (stages.common.ranks), `wait_healthy`, `background` (a process group for the duration of a block).
-Single machine: `mlflow_server` (SQLite store, local artifacts).
+Single machine: `mlflow_server` (SQLite store, local artifacts), `prefect_server` (SQLite; the session
+fixture `prefect_api`).
 
 The team stack of README "Team mode" and docker-compose.yml, as session fixtures (registered
 for every test module through tests/conftest.py) and as context managers for tests that stop
@@ -147,6 +148,18 @@ def mlflow_server(root: Path, port: int | None = None, args: tuple[str, ...] = (
     with background(cmd, log, {**os.environ, **QUIET, **(env or {})}) as proc:
         wait_healthy(f"http://127.0.0.1:{port}/health", proc, log, timeout=180)  # minutes on a busy 2-core host
         yield f"http://127.0.0.1:{port}", proc
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """`prefect server start` on loopback, its SQLite database and log in `home`; yields its API URL."""
+    port = free_port()
+    env = {**os.environ, **QUIET, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with background([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    home / "server.log", env) as proc:
+        wait_healthy(f"http://127.0.0.1:{port}/api/health", proc, home / "server.log")
+        yield f"http://127.0.0.1:{port}/api"
 
 
 # ------------------------------------------------------------------ PostgreSQL
@@ -456,6 +469,18 @@ def read_flow_run(api: str, creds: Credentials, flow_run_id: str) -> tuple[dict,
 
 
 # ------------------------------------------------------------------ session fixtures
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """A `prefect server start` (SQLite) for the modules whose flows and workers run against a real
+    server: test_servers, test_faults, test_workers. One per worker session, not one per module: a start
+    costs ~10 s of a core (20 s and more on a busy 2-core machine), and tests/conftest.py schedules those
+    modules on one worker. They share it safely: test_servers reads back only continuous-training flow
+    runs and the other two start none; test_continuous, which reads back every continuous run on its
+    server, keeps a server of its own."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as api:
+        yield api
+
+
 @pytest.fixture(scope="session")
 def team_logs(tmp_path_factory) -> Path:
     """Where every team server writes its log (the secrets test searches them)."""

@@ -26,7 +26,8 @@ import yaml
 from flows.continuous import ResumeRefused, continuous
 from stages.common.params import ROOT
 from tests.test_flows import artifacts_of, copy_repo, copy_stage, make_dvc_repo
-from tests.test_servers import client_env, prefect_api  # noqa: F401 - prefect_api: a fixture
+from tests.servers import prefect_server
+from tests.test_servers import client_env
 
 TRAIN = textwrap.dedent('''
     import pathlib, yaml
@@ -96,9 +97,17 @@ def _locked_md5(repo: Path, stage: str, out: str) -> str:
     return md5
 
 
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A server of its own, not the session's (tests/servers.py): the test reads back every
+    continuous-training flow run on it, and test_servers starts some on the shared one."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as api:
+        yield api
+
+
 @pytest.mark.slow
 @pytest.mark.servers
-def test_new_data_resumes_grpo_then_evaluates_and_gates(prefect_api, tmp_path, base_dir):  # noqa: F811
+def test_new_data_resumes_grpo_then_evaluates_and_gates(prefect_api, tmp_path, base_dir):
     import mlflow
 
     from stages.preset import render

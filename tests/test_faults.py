@@ -26,7 +26,7 @@ from stages.common.params import ROOT
 from stages.preset import render
 from tests.conftest import tiny
 from tests.test_flows import copy_repo
-from tests.test_servers import client_env, prefect_api  # noqa: F401 - prefect_api: a fixture
+from tests.test_servers import client_env
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +165,7 @@ UPSTREAM = ("data/prepared", "models/base", "models/sft", "metrics/prepare.json"
             "metrics/sft.json")
 
 
-def test_flow_killed_mid_grpo_is_closed_and_resumed_by_the_next_run(workspace, prefect_api, tmp_path):  # noqa: F811
+def test_flow_killed_mid_grpo_is_closed_and_resumed_by_the_next_run(workspace, prefect_api, tmp_path):
     """SIGKILL of the flow's whole process group mid-GRPO; the next flow run closes the killed parent
     as KILLED, resumes grpo and leaves every upstream output byte-identical."""
     import mlflow

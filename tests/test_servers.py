@@ -1,5 +1,5 @@
-"""Against real servers on loopback: a `prefect server start` that schedules the continuous
-deployment served by `python -m flows.deploy`, and team mode, where the pipeline logs to an
+"""Against real servers on loopback: a `prefect server start` (tests/servers.py's `prefect_api`, one
+per worker session) that schedules the continuous deployment served by `python -m flows.deploy`, and team mode, where the pipeline logs to an
 `mlflow server` (SQLite backend, local artifact root). Every server is stopped in `finally`.
 """
 from __future__ import annotations
@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -19,18 +18,6 @@ from tests.servers import BIN, QUIET, background, free_port, wait_healthy
 from tests.test_flows import copy_repo
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {**os.environ, **QUIET, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    with background([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    home / "server.log", env) as proc:
-        wait_healthy(f"http://127.0.0.1:{port}/api/health", proc, home / "server.log")
-        yield f"http://127.0.0.1:{port}/api"
 
 
 def client_env(tmp_path: Path, repo: Path, api: str) -> dict[str, str]:

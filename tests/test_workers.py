@@ -15,7 +15,7 @@ import yaml
 
 from tests.test_flows import copy_repo
 from tests.servers import BIN, background
-from tests.test_servers import client_env, prefect_api  # noqa: F401 - prefect_api is a fixture
+from tests.test_servers import client_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ def _run(cmd: list[str], env: dict, cwd=None) -> str:
     return done.stdout
 
 
-def test_a_process_worker_runs_a_deployed_pipeline(prefect_api, tmp_path):  # noqa: F811 - the fixture
+def test_a_process_worker_runs_a_deployed_pipeline(prefect_api, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
