@@ -3,6 +3,7 @@
 PY := .venv/bin/python
 PRESET ?= tiny
 # Test processes (pytest-xdist): 2 fits the 2-core machines; `make test TEST_WORKERS=0` runs in one process.
+# TEST_ARGS: more pytest arguments, e.g. `make test TEST_ARGS=--junitxml=tests.xml` (per-test times).
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
@@ -24,10 +25,10 @@ repro: install
 
 # The 30 slowest tests are listed at the end (what to look at when the suite gets slow).
 test: install
-	$(PYTEST) --durations=30
+	$(PYTEST) --durations=30 $(TEST_ARGS)
 
 test-fast: install
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow" $(TEST_ARGS)
 
 # The UIs (flows/ui.py): each prints its URL and runs in the foreground; PORT=... picks another port.
 ui: install

@@ -43,29 +43,86 @@ _MLRUNS = Path(f"/tmp/gsm8k-grpo-tests-{os.getpid()}/mlruns")
 os.environ["PIPELINE_MLRUNS_DIR"] = str(_MLRUNS)
 
 
-def _modules_using_the_harness() -> set[str]:
-    """Test files (as xdist names them, tests/test_x.py) with a test that takes the `harness` fixture."""
+# Seconds each test module takes in a full `make test` (setup + call + teardown of its tests, summed;
+# measured on the 2-core machine, docs/benchmarks.md, issue 14). Only the scheduler below reads them, to
+# start the longest work first; a module not listed counts 0.3 s per test (the fast tests' average).
+# Refresh them from a full run's junit XML (`make test TEST_ARGS=--junitxml=tests.xml`) when a module's
+# cost moves by much: a wrong figure costs balance, never a result.
+MODULE_SECONDS = {
+    "tests/test_team_mode.py": 460, "tests/test_flows.py": 310, "tests/test_continuous.py": 230,
+    "tests/test_faults.py": 220, "tests/test_servers.py": 160, "tests/test_learning.py": 146,
+    "tests/test_secrets.py": 120, "tests/test_training.py": 110, "tests/test_team_outage.py": 100,
+    "tests/test_distributed.py": 92, "tests/test_console.py": 85, "tests/test_sweeps.py": 71,
+    "tests/test_export.py": 70, "tests/test_bench_scripts.py": 65, "tests/test_failures.py": 60,
+    "tests/test_auth.py": 56, "tests/test_tracking_outage.py": 50, "tests/test_register.py": 40,
+    "tests/test_workers.py": 35, "tests/test_loss_types.py": 30, "tests/test_dvc_deps.py": 20,
+}
+
+# Modules that share one worker because they share a session fixture whose start is expensive, keyed by
+# the fixture (its tests name it as an argument): the in-process Prefect `harness` (15-20 s to start on
+# 2 cores), the loopback `prefect_api` server (tests/servers.py; a module defining its own is left
+# alone), and the team stack (PostgreSQL, S3; tests/servers.py).
+SHARED = {"harness": ("harness",), "prefect server": ("prefect_api",),
+          "team servers": ("postgres", "s3", "team_credentials", "team_mlflow", "team_prefect")}
+
+
+def _shared_groups() -> dict[str, str]:
+    """Test file (as xdist names it, tests/test_x.py) -> the group of SHARED it belongs to (first match)."""
     here = Path(__file__).resolve().parent
-    uses = re.compile(r"^def test_\w+\([^)]*\bharness\b", re.M)
-    return {f"tests/{f.name}" for f in here.glob("test_*.py") if uses.search(f.read_text())}
+    groups: dict[str, str] = {}
+    for f in sorted(here.glob("test_*.py")):
+        text = f.read_text()
+        for group, fixtures in SHARED.items():
+            names = "|".join(fixtures)
+            uses = re.search(rf"^def test_\w+\([^)]*\b({names})\b", text, re.M)
+            defines_its_own = re.search(rf"^def ({names})\(", text, re.M)
+            if uses and not defines_its_own:
+                groups[f"tests/{f.name}"] = f"tests/(modules sharing the {group})"
+                break
+    return groups
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile` (each module on one worker, its module fixtures built once), except that the
-    modules using the in-process Prefect `harness` share one worker: its server start (15-20 s on
-    2 cores) is then paid once per run instead of once per worker."""
+    """`--dist loadfile` (each module on one worker, its module fixtures built once), with three changes:
+
+    - the modules of each SHARED group run on one worker, so the fixture starts once per run instead of
+      once per worker;
+    - the longest work is handed out first (MODULE_SECONDS), so the last module to start is a short
+      one and the two workers finish together; xdist's own order (most tests first) left minute-long
+      single-test modules such as test_learning for the end;
+    - a worker gets its next module when its last test is the only one left, not two: a worker runs a
+      test once it knows the next one, so that costs nothing, and it no longer takes a module that a
+      free worker would have started at once while it is still in a test of minutes.
+    """
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    together = _modules_using_the_harness()
+    groups = _shared_groups()
 
-    class HarnessModulesTogether(LoadFileScheduling):
+    def expected_seconds(nodeids) -> float:
+        per_module: dict[str, int] = {}
+        for nodeid in nodeids:
+            module = nodeid.split("::", 1)[0]
+            per_module[module] = per_module.get(module, 0) + 1
+        return sum(MODULE_SECONDS.get(module, 0.3 * count) for module, count in per_module.items())
+
+    class Balanced(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = super()._split_scope(nodeid)
-            return "tests/(modules using the prefect harness)" if module in together else module
+            return groups.get(module, module)
 
-    return HarnessModulesTogether(config, log)
+        def _assign_work_unit(self, node) -> None:
+            longest = max(self.workqueue, key=lambda scope: expected_seconds(self.workqueue[scope]))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node) -> None:
+            if self.workqueue and not node.shutting_down and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
+
+    return Balanced(config, log)
 
 
 def tiny(overrides: dict[str, Any] | None = None, preset: str = "tiny"):
