@@ -44,18 +44,19 @@ os.environ["PIPELINE_MLRUNS_DIR"] = str(_MLRUNS)
 
 
 # Seconds each test module takes in a full `make test` (setup + call + teardown of its tests, summed;
-# measured on the 2-core machine, docs/benchmarks.md, issue 14). Only the scheduler below reads them, to
-# start the longest work first; a module not listed counts 0.3 s per test (the fast tests' average).
-# Refresh them from a full run's junit XML (`make test TEST_ARGS=--junitxml=tests.xml`) when a module's
-# cost moves by much: a wrong figure costs balance, never a result.
+# from the junit XML of the 2-core machine's run of 2026-12-01, docs/benchmarks.md). Only the scheduler
+# below reads them, to start the longest work first; a module not listed counts 0.3 s per test (the fast
+# tests' average). Refresh them from a full run's junit XML (`make test TEST_ARGS=--junitxml=tests.xml`)
+# when a module's cost moves by much: a wrong figure costs balance, never a result.
 MODULE_SECONDS = {
-    "tests/test_team_mode.py": 460, "tests/test_flows.py": 310, "tests/test_continuous.py": 300,
-    "tests/test_faults.py": 260, "tests/test_learning.py": 146, "tests/test_servers.py": 130,
-    "tests/test_secrets.py": 120, "tests/test_training.py": 110, "tests/test_team_outage.py": 100,
-    "tests/test_distributed.py": 92, "tests/test_console.py": 85, "tests/test_sweeps.py": 71,
-    "tests/test_export.py": 70, "tests/test_bench_scripts.py": 60, "tests/test_failures.py": 60,
-    "tests/test_auth.py": 56, "tests/test_workers.py": 55, "tests/test_tracking_outage.py": 50,
-    "tests/test_register.py": 40, "tests/test_loss_types.py": 30, "tests/test_dvc_deps.py": 20,
+    "tests/test_team_mode.py": 412, "tests/test_flows.py": 355, "tests/test_continuous.py": 316,
+    "tests/test_faults.py": 290, "tests/test_learning.py": 190, "tests/test_training.py": 152,
+    "tests/test_servers.py": 125, "tests/test_sweeps.py": 102, "tests/test_team_outage.py": 87,
+    "tests/test_console.py": 79, "tests/test_distributed.py": 71, "tests/test_auth.py": 62,
+    "tests/test_secrets.py": 61, "tests/test_export.py": 59, "tests/test_bench_scripts.py": 47,
+    "tests/test_tracking_outage.py": 46, "tests/test_failures.py": 44, "tests/test_register.py": 26,
+    "tests/test_workers.py": 24, "tests/test_publish.py": 22, "tests/test_dvc_deps.py": 16,
+    "tests/test_loss_types.py": 15,
 }
 
 # Modules that share one worker because they share a session fixture whose start is expensive, keyed by
