@@ -156,8 +156,7 @@ def prefect_server(home: Path) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, **QUIET, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    with background([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    home / "server.log", env) as proc:
+    with background([str(BIN / "prefect"), *prefect_server_args("127.0.0.1", port)], home / "server.log", env) as proc:
         wait_healthy(f"http://127.0.0.1:{port}/api/health", proc, home / "server.log")
         yield f"http://127.0.0.1:{port}/api"
 
