@@ -300,6 +300,8 @@ def main() -> None:
     ap.add_argument("--shapes", choices=list(SHAPES), default="qwen3-1.7b", help="model shapes (small: CPU check of this script)")
     ap.add_argument("--base-dir", type=Path, default=Path("/tmp/bench_grpo/base"), help="where the random model is built (reused if present)")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_grpo/work"), help="scratch dir: stage outputs, Unsloth's compiled cache")
+    ap.add_argument("--vllm-text", action="store_true",
+                    help="let the colocated vLLM detokenize (TRL's default): the A/B of stages.grpo.COLOCATED_SAMPLING")
     ap.add_argument("--out", type=Path, help="result JSON")
     ap.add_argument("--build-only", action="store_true", help="build the model into --base-dir and exit")
     args = ap.parse_args()
@@ -326,12 +328,15 @@ def main() -> None:
 
     import stages.grpo as grpo
 
+    if args.vllm_text:
+        grpo.COLOCATED_SAMPLING = {}
     completions = params.grpo.effective_generation_batch_size
     config = {"backend": args.backend, "completion_length": args.completion_length,
               "prompts_per_step": args.prompts_per_step, "same_prompt": args.same_prompt, "prompt_set_size": args.prompts, "generations_per_prompt": 8,
               "completions_per_step": completions, "steps": args.steps, "warmup": args.warmup,
               "shapes": args.shapes, "monitor_kl": params.grpo.monitor_kl,
-              "generation": args.generation, "micro_batches": args.micro_batches, "lora": params.model.lora.model_dump(),
+              "generation": args.generation, "micro_batches": args.micro_batches,
+              "vllm_sampling_extra": grpo.COLOCATED_SAMPLING if args.generation == "vllm" else None, "lora": params.model.lora.model_dump(),
               "grpo": {k: v for k, v in params.grpo.model_dump().items() if k != "rewards"},
               "model": {k: v for k, v in params.model.model_dump().items() if k not in ("tiny", "lora")}}
     probe = Probe()
@@ -349,7 +354,10 @@ def main() -> None:
             "wall_seconds_run": round(time.perf_counter() - started, 2), "stage_metrics": metrics,
             "summary": summarize(history, probe.phases, completions, args.warmup),
             "peak_memory_gib": {"allocated": torch.cuda.max_memory_allocated() / 2**30,
-                                "reserved": torch.cuda.max_memory_reserved() / 2**30} if torch.cuda.is_available() else None,
+                                "reserved": torch.cuda.max_memory_reserved() / 2**30,
+                                # the caching allocator freed its cache and retried (a slow, synchronising path)
+                                "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries")}
+            if torch.cuda.is_available() else None,
             "per_step": history, "phases_per_step": {str(k): dict(v) for k, v in sorted(probe.phases.items())},
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

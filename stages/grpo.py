@@ -42,6 +42,13 @@ RESUMABLE_KEYS = {"max_steps", "num_train_epochs", "save_steps", "logging_steps"
 
 
 # ------------------------------------------------------------------ config
+# vLLM SamplingParams for a colocated engine (both backends). The trainer decodes the token ids itself, so
+# vLLM's text and the per-token strings of the log-probs are never read; a colocated engine makes them in
+# Python after every decode step, in line with the model. Flat log-probs: a few lists per sequence instead
+# of a dict and an object per token, less for the garbage collector (TRL reads both forms alike).
+COLOCATED_SAMPLING = {"detokenize": False, "flat_logprobs": True}
+
+
 def grpo_config(params: Params, backend: str, generation: str, ckpt_dir: Path, reward_weights: list[float],
                 in_given_order: bool = False):
     """in_given_order: train on the prompts in the dataset's order (no shuffle), and on a resume do not
@@ -58,6 +65,8 @@ def grpo_config(params: Params, backend: str, generation: str, ckpt_dir: Path, r
                   vllm_max_model_length=max_model_len(g))
     if backend == "unsloth":
         kwargs["vllm_enable_sleep_mode"] = False  # Unsloth's Standby instead (set before its import)
+    if generation == "vllm" and g.vllm_mode == "colocate":
+        kwargs["generation_kwargs"] = dict(COLOCATED_SAMPLING)
     if in_given_order:
         kwargs.update(shuffle_dataset=False, ignore_data_skip=True)
     return GRPOConfig(output_dir=str(ckpt_dir), report_to="none", reward_weights=reward_weights,

@@ -45,3 +45,16 @@ def test_a_field_nobody_maps_fails_loudly():
 
     with pytest.raises(RuntimeError, match="reaches neither GRPOConfig nor project code"):
         trl_args.translate({"no_such_knob": 1}, GRPOConfig, {}, {}, {})
+
+
+@pytest.mark.parametrize("generation, mode, expected", [
+    ("vllm", "colocate", {"detokenize": False, "flat_logprobs": True}),
+    ("vllm", "server", None),          # `trl vllm-serve` builds its own SamplingParams
+    ("transformers", "colocate", None),  # GenerationConfig has no such fields
+])
+def test_colocated_vllm_makes_no_text(tmp_path, generation, mode, expected):
+    from stages.grpo import grpo_config
+
+    params = tiny({"grpo": {"vllm_mode": mode}})
+    config = grpo_config(params, "trl", generation, tmp_path, [1.0])
+    assert (config.generation_kwargs or None) == expected
