@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny
-from tests.servers import BIN, MLFLOW_NO_JOBS, QUIET, background, free_port, wait_healthy
+from tests.servers import QUIET, background, mlflow_server
 from tests.test_flows import copy_repo
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
@@ -74,13 +74,7 @@ def test_team_mode_logs_to_an_mlflow_server(prefect_api, tmp_path):
     import mlflow
 
     repo = copy_repo(tmp_path / "repo")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-              "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-              "--workers", "1"]
-    with background(server, tmp_path / "mlflow.log", {**os.environ, **QUIET, **MLFLOW_NO_JOBS}) as proc:
-        wait_healthy(f"{uri}/health", proc, tmp_path / "mlflow.log")
+    with mlflow_server(tmp_path) as (uri, _):
         env = {**client_env(tmp_path, repo, prefect_api), "MLFLOW_TRACKING_URI": uri}
         run = subprocess.run([sys.executable, "-m", "flows.pipeline", "--stages", "base_model"], cwd=repo, env=env,
                              capture_output=True, text=True, timeout=600)
