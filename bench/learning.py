@@ -17,12 +17,12 @@ import argparse
 import csv
 import json
 import os
-import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 STAGES = [["prepare"], ["base_model"], ["sft"], ["grpo"], ["evaluate", "base"], ["evaluate", "tuned"]]
 FORMAT_REWARDS = ("format_exact", "format_approx", "tag_count")
+# Output a vLLM engine prints once it has measured the GPU's memory and taken its KV cache: its INFO
+# line (hidden under TRL's colocate mode, which logs vLLM at WARNING) or the CUDA graph capture's bar,
+# which comes after the cache (on the H200, 2026-12-02, TRL's path printed only the bar).
+ENGINE_READY = ("init engine (profile, create kv cache, warmup model) took", "Capturing CUDA graphs")
+ENGINE_START_LIMIT_S = 120  # a gate is let go after this long even if no such line came (about 40 s here)
 
 
 def hacking_flag(rows: list[dict[str, float]], correctness: str = "rewards/correctness/mean") -> dict:
@@ -56,7 +61,38 @@ def read_curve(file: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
 
 
-def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log: Path) -> dict:
+def run_stage(cmd: list[str], env: dict, gate: threading.Lock | None) -> tuple[int, str]:
+    """Run one stage and return its exit code and output (stdout and stderr together). With a gate
+    (a lock shared by the seeds on one GPU), hold it from the stage's start until its vLLM engine is
+    up (ENGINE_READY), the stage ends, or ENGINE_START_LIMIT_S passes, so engines on one GPU start
+    one at a time."""
+    if gate is None:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return done.returncode, done.stdout
+    gate.acquire()
+    once = threading.Lock()
+
+    def let_go() -> None:
+        if once.acquire(blocking=False):  # the timer and this thread may both get here
+            gate.release()
+
+    timer = threading.Timer(ENGINE_START_LIMIT_S, let_go)
+    timer.start()
+    lines = []
+    try:
+        with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:  # text mode: a progress bar's \r ends a line too
+                lines.append(line)
+                if any(mark in line for mark in ENGINE_READY):
+                    let_go()
+        return proc.returncode, "".join(lines)
+    finally:
+        timer.cancel()
+        let_go()
+
+
+def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log: Path,
+             engine_gate: threading.Lock | None = None) -> dict:
     from stages.common.params import apply_overrides, validate
     from stages.preset import merge, render, resolve
 
@@ -69,16 +105,16 @@ def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log
     times, engines = {}, []
     for stage in STAGES:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], cwd=ROOT, env=seed_env,
-                              capture_output=True, text=True)
+        code, output = run_stage([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], seed_env,
+                                 engine_gate if stage == ["grpo"] else None)
         times["_".join(stage)] = round(time.perf_counter() - start, 1)
-        if done.returncode:
+        if code:
             # The other seeds go on; this seed's whole stage log is kept beside --out.
-            log.with_suffix(f".seed{seed}.log").write_text(done.stdout + done.stderr)
-            print(f"seed {seed}: stage {' '.join(stage)} failed:\n{done.stderr[-3000:]}", flush=True)
-            return {"seed": seed, "seconds": times, "failed_stage": " ".join(stage), "error": done.stderr[-1500:]}
+            log.with_suffix(f".seed{seed}.log").write_text(output)
+            print(f"seed {seed}: stage {' '.join(stage)} failed:\n{output[-3000:]}", flush=True)
+            return {"seed": seed, "seconds": times, "failed_stage": " ".join(stage), "error": output[-1500:]}
         print(f"seed {seed}: {' '.join(stage)} {times['_'.join(stage)]} s", flush=True)
-        engines = engines or [line for line in done.stdout.splitlines() if line.startswith("grpo: backend=")]
+        engines = engines or [line for line in output.splitlines() if line.startswith("grpo: backend=")]
     evaluation = json.loads((work / "metrics" / "evaluate.json").read_text())
     rows = read_curve(work / "plots" / "grpo_rewards.csv")
     return {
@@ -148,8 +184,9 @@ def report(results: list[dict], meta: dict, out: Path) -> None:
 
 def merge(files: list[Path], out: Path) -> None:
     """One summary from runs of the same preset and overrides made in several calls (a GPU machine's
-    10-minute limit fits two vLLM seeds): each seed's last finished result wins; no PNG (the JSON
-    keeps no curves)."""
+    10-minute limit), summaries or the per-seed files a run writes as its seeds end: each seed's
+    last finished result wins; the PNG too when every seed's file carries its curve (per-seed files
+    do, summaries don't)."""
     runs = [json.loads(f.read_text()) for f in files]
     recipes = {json.dumps([r["preset"], r["overrides"]], sort_keys=True) for r in runs}
     if len(recipes) > 1:
@@ -165,32 +202,28 @@ def merge(files: list[Path], out: Path) -> None:
                                                "merged_from": [str(f) for f in files]}, out)
 
 
-def gpus_for_seeds(preset: str, overrides: dict, parallel: int) -> "queue.Queue[int] | None":
-    """With vLLM generation, seeds run at once need a GPU each: a queue of this machine's GPUs to
-    hand out; None when seeds may share (one at a time, transformers generation, no GPU).
+def gpu_plan(preset: str, overrides: dict, seeds: list[int]) -> dict[int, tuple[str, threading.Lock]]:
+    """With vLLM generation on a GPU machine: each seed's GPU (round robin) and the engine-start gate
+    of that GPU; empty when seeds need no plan (transformers generation, no GPU).
 
     A colocated vLLM engine sizes its KV cache from the GPU memory in use while it starts, other
-    processes' included: with three seeds on one H200 (2026-11-30), the engine that started while the
-    other seeds trained found no memory for its cache and the seed failed."""
+    processes' included: with three seeds on one H200 (2026-11-30), the engine that started while
+    another engine took its cache found no memory left and the seed failed. Engines on one GPU
+    therefore start one at a time (run_stage)."""
     from stages.common.params import apply_overrides, validate
     from stages.preset import resolve
 
-    generation = validate(apply_overrides(resolve(preset).model_dump(), overrides)).model.generation
-    if parallel < 2 or generation == "transformers":
-        return None
+    if validate(apply_overrides(resolve(preset).model_dump(), overrides)).model.generation == "transformers":
+        return {}
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        return None
-    if parallel > count:
-        raise SystemExit(f"--parallel {parallel} with model.generation {generation}: each seed's vLLM engine needs a GPU "
-                         f"of its own and this machine has {count}; use --parallel {count} or "
-                         f"--set model.generation=transformers")
-    free: queue.Queue[int] = queue.Queue()
-    for gpu in range(count):
-        free.put(gpu)
-    return free
+    gates = [threading.Lock() for _ in range(count)]
+    return {seed: (str(i % count), gates[i % count]) for i, seed in enumerate(seeds)} if count else {}
+
+
+def seed_file(out: Path, seed: int) -> Path:
+    return out.with_name(f"{out.stem}.seed{seed}.json")
 
 
 def main() -> None:
@@ -198,7 +231,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="learn")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--parallel", type=int, default=1, help="seeds run at once (each in its own workspace; for a GPU; with vLLM one GPU per seed)")
+    parser.add_argument("--parallel", type=int, default=1, help="seeds run at once, each in its own workspace (for a GPU; with vLLM, seeds share GPUs round robin "
+                        "and their engines on one GPU start one at a time)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="combine the JSON of earlier runs of one recipe into --out (no training)")
@@ -214,22 +248,23 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="learning-"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    gpus = gpus_for_seeds(args.preset, overrides, args.parallel)
+    plan = gpu_plan(args.preset, overrides, args.seeds)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "parallel": args.parallel,
+            "preset": args.preset, "overrides": overrides}
 
     def one_seed(seed: int) -> dict:
-        if gpus is None:
-            return run_seed(seed, args.preset, overrides, base, env, out)
-        gpu = gpus.get()  # a GPU no running seed holds
-        try:
-            return run_seed(seed, args.preset, overrides, base, {**env, "CUDA_VISIBLE_DEVICES": str(gpu)}, out)
-        finally:
-            gpus.put(gpu)
+        gpu, gate = plan.get(seed, (None, None))
+        seed_env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}
+        result = run_seed(seed, args.preset, overrides, base, seed_env, out, gate)
+        # Kept as each seed ends, so a run cut short (a GPU call's time limit) keeps its finished seeds
+        # for --merge.
+        seed_file(out, seed).write_text(json.dumps({**meta, "per_seed": [result]}, indent=2) + "\n")
+        return result
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         results = list(pool.map(one_seed, args.seeds))
     shutil.rmtree(base, ignore_errors=True)
-    report(results, {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "parallel": args.parallel,
-                     "preset": args.preset, "overrides": overrides}, out)
+    report(results, meta, out)
 
 
 if __name__ == "__main__":

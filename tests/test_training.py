@@ -286,8 +286,9 @@ def test_a_single_colocated_run_takes_its_own_free_rendezvous_port(monkeypatch):
     assert own_rendezvous_port() is None and "MASTER_PORT" not in os.environ
 
 
-def test_learning_bench_gives_each_parallel_vllm_seed_a_gpu(monkeypatch):
-    # GPU counts are stand-ins (no GPU here); on the H200, three vLLM seeds on one GPU failed to size their caches
+def test_learning_bench_shares_gpus_round_robin_with_one_gate_per_gpu(monkeypatch):
+    # GPU counts are stand-ins (no GPU here); on the H200, three vLLM seeds whose engines started together
+    # failed to size their caches
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -296,12 +297,43 @@ def test_learning_bench_gives_each_parallel_vllm_seed_a_gpu(monkeypatch):
     vllm = {"model": {"generation": "vllm"}}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    gpus = learning.gpus_for_seeds("learn-gpu", vllm, 2)
-    assert sorted(gpus.get() for _ in range(2)) == [0, 1]
-    with pytest.raises(SystemExit, match="--parallel 3 with model.generation vllm.*has 2; use --parallel 2"):
-        learning.gpus_for_seeds("learn-gpu", vllm, 3)
-    assert learning.gpus_for_seeds("learn-gpu", {"model": {"generation": "transformers"}}, 3) is None
-    assert learning.gpus_for_seeds("learn-gpu", vllm, 1) is None
+    plan = learning.gpu_plan("learn-gpu", vllm, [0, 1, 2])
+    assert [plan[s][0] for s in (0, 1, 2)] == ["0", "1", "0"]
+    assert plan[0][1] is plan[2][1] and plan[0][1] is not plan[1][1]  # one gate per GPU
+    assert learning.gpu_plan("learn-gpu", {"model": {"generation": "transformers"}}, [0, 1, 2]) == {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert learning.gpu_plan("learn-gpu", vllm, [0, 1]) == {}
+
+
+def test_learning_bench_gate_opens_when_the_engine_is_up_not_when_the_stage_ends():
+    # A real process stands in for the grpo stage: it prints vLLM's ready line, then works on.
+    import threading
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning
+
+    gate = threading.Lock()
+    # TRL's colocate mode hides vLLM's INFO line; its CUDA graph bar (updates ending in \r) still shows
+    bar = "Capturing CUDA graphs (FULL):   0%|  | 0/19\rCapturing CUDA graphs (FULL):  16%|  | 3/19\r"
+    stage = [sys.executable, "-c", f"import sys, time; sys.stderr.write({bar!r}); sys.stderr.flush(); time.sleep(2); print('done')"]
+    waited = {}
+
+    def second_seed() -> None:
+        time.sleep(0.2)  # the first seed holds the gate by then
+        start = time.monotonic()
+        with gate:
+            waited["s"] = time.monotonic() - start
+
+    other = threading.Thread(target=second_seed)
+    other.start()
+    code, output = learning.run_stage(stage, dict(os.environ), gate)
+    other.join()
+    assert code == 0 and output.rstrip().endswith("done")
+    assert waited["s"] < 1.5  # let go at the ready line, not after the 2-s stage
+    assert gate.acquire(blocking=False)  # and released exactly once: free again
+    gate.release()
+    code, output = learning.run_stage([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), gate)
+    assert code == 3 and gate.acquire(blocking=False)  # a stage that fails before its engine lets go too
 
 
 def test_learning_bench_merges_seeds_run_in_separate_calls(tmp_path, capsys):
