@@ -4,8 +4,8 @@
 
 In a fresh copy of this checkout (tracked files only, the project's .venv linked in):
 1. every stage of dvc.yaml through the Prefect flow (`python -m flows.pipeline --preset tiny`,
-   the README's `make pipeline` after install), wall time per stage (from the flow's own
-   task log lines) and in total;
+   the README's `make pipeline` after install), wall time per stage (from the stage table of
+   the run's report, reports/pipeline/report.md) and in total;
 2. a no-op `dvc repro` once everything is up to date (goal: under 5 s);
 3. the flow's overhead over plain `dvc repro` for the same stages: both run prepare +
    base_model from scratch in two more fresh copies (goal: under 20 s or 10%).
@@ -50,6 +50,11 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     return seconds, done.stdout + done.stderr
 
 
+def stage_seconds(report_md: str) -> dict[str, float]:
+    """Stage -> seconds from the report's stage table (`| sft | done | 20.4 s | ... |`)."""
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| (\w+) \| [^|]+ \| ([\d.]+) s \|", report_md, re.M)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -66,8 +71,10 @@ def main() -> None:
     py = str(VENV_BIN / "python")
 
     work = fresh_copy(base / "full")
-    total, log = timed([py, "-m", "flows.pipeline", "--preset", args.preset], work, env)
-    stages = {m.group(1): float(m.group(2)) for m in re.finditer(r"stage (\w+): [^()\n]+ \(([\d.]+) s\)", log)}
+    total, _ = timed([py, "-m", "flows.pipeline", "--preset", args.preset], work, env)
+    stages = stage_seconds((work / "reports" / "pipeline" / "report.md").read_text())
+    if not stages:
+        raise SystemExit(f"no stage times in {work / 'reports/pipeline/report.md'}: its stage table changed?")
     noop, _ = timed([py, "-m", "dvc", "repro"], work, env)
 
     plain_dir, flow_dir = fresh_copy(base / "plain"), fresh_copy(base / "flow")

@@ -49,3 +49,16 @@ def test_gpu_long_context_runs_each_length_once(tmp_path, base_dir):
     assert result["longest_length_that_fits"] == 32
     assert [(s["length"], s["completion_mean_length"]) for s in result["steps"]] == [(16, 16), (32, 32)]
     assert all(s["step_seconds"] > 0 for s in result["steps"])
+
+
+def test_pipeline_cost_reads_stage_times_from_the_reports_stage_table():
+    # The console's stage lines changed once and left the bench with no stage times; it reads the report now.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import pipeline_cost
+
+    from flows.report import Run, _stages_section
+
+    run = Run(stages=[{"stage": "prepare", "result": "done", "seconds": 3.42, "figure": "7,473 rows", "log": "logs/prepare.log"},
+                      {"stage": "evaluate_base", "result": "up to date", "seconds": 0.9},
+                      {"stage": "gguf", "result": "failed", "seconds": None}])
+    assert pipeline_cost.stage_seconds("\n".join(_stages_section(run))) == {"prepare": 3.4, "evaluate_base": 0.9}
