@@ -3,6 +3,7 @@
     .venv/bin/python bench/learning.py [--seeds 0 1 2] [--preset learn] [--set grpo.max_steps=150]
     python3 bench/learning.py --preset learn-gpu --parallel 3 --out bench/results/learning_gpu.json   # on a GPU
     python3 bench/learning.py --merge a.json b.json --out all.json     # seeds run in separate calls, one median
+    python3 bench/learning.py --preset learn-gpu --workdir /tmp/learn ...  # run again to continue where a cut run stopped
 
 For each seed, in a fresh workspace (PIPELINE_WORKDIR), the real stages run as DVC would run
 them: prepare (synthetic 2-digit addition), base_model (tokenizer + random Llama), sft (short
@@ -91,37 +92,66 @@ def run_stage(cmd: list[str], env: dict, gate: threading.Lock | None) -> tuple[i
         let_go()
 
 
-def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log: Path,
-             engine_gate: threading.Lock | None = None) -> dict:
+def seed_params(seed: int, preset: str, overrides: dict) -> str:
+    """The params.yaml of one seed's workspace."""
     from stages.common.params import apply_overrides, validate
     from stages.preset import merge, render, resolve
 
-    work = base / f"seed{seed}"
-    work.mkdir(parents=True)
     raw = merge(resolve(preset).model_dump(), {"project": {"seed": seed}, "sft": {"seed": seed}, "grpo": {"seed": seed}})
-    (work / "params.yaml").write_text(render(validate(apply_overrides(raw, overrides))))
+    return render(validate(apply_overrides(raw, overrides)))
+
+
+def check_workspaces(base: Path, seeds: list[int], preset: str, overrides: dict) -> None:
+    """A kept workspace (--workdir) is continued only with the params it was made with."""
+    for seed in seeds:
+        made_with = base / f"seed{seed}" / "params.yaml"
+        if made_with.exists() and made_with.read_text() != seed_params(seed, preset, overrides):
+            raise SystemExit(f"--workdir {base}: seed {seed}'s workspace was made with other params ({made_with}); "
+                             "continue it with the same --preset and --set, or use another --workdir")
+
+
+def run_seed(seed: int, preset: str, overrides: dict, base: Path, env: dict, log: Path,
+             engine_gate: threading.Lock | None = None) -> dict:
+    """Run the seed's stages in base/seed<N>. Stages an earlier run of this workspace finished
+    (progress.json) are not run again; an unfinished grpo resumes from its last checkpoint (the
+    stage's own resume, which checks that the checkpoint was made from the same inputs)."""
+    work = base / f"seed{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text(seed_params(seed, preset, overrides))
+    progress_file = work / "progress.json"
+    progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"seconds": {}, "grpo_engine": []}
+    earlier = list(progress["seconds"])
     # Seeds starting together each get their own rendezvous port from the grpo stage (ranks.own_rendezvous_port).
     seed_env = {**env, "PIPELINE_WORKDIR": str(work), "PIPELINE_MLRUNS_DIR": str(work / "mlruns")}
-    times, engines = {}, []
+    times = progress["seconds"]
     for stage in STAGES:
+        key = "_".join(stage)
+        if key in times:
+            print(f"seed {seed}: {' '.join(stage)} finished in an earlier run ({times[key]} s)", flush=True)
+            continue
         start = time.perf_counter()
         code, output = run_stage([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], seed_env,
                                  engine_gate if stage == ["grpo"] else None)
-        times["_".join(stage)] = round(time.perf_counter() - start, 1)
+        seconds = round(time.perf_counter() - start, 1)
         if code:
             # The other seeds go on; this seed's whole stage log is kept beside --out.
             log.with_suffix(f".seed{seed}.log").write_text(output)
             print(f"seed {seed}: stage {' '.join(stage)} failed:\n{output[-3000:]}", flush=True)
-            return {"seed": seed, "seconds": times, "failed_stage": " ".join(stage), "error": output[-1500:]}
-        print(f"seed {seed}: {' '.join(stage)} {times['_'.join(stage)]} s", flush=True)
-        engines = engines or [line for line in output.splitlines() if line.startswith("grpo: backend=")]
+            return {"seed": seed, "seconds": {**times, key: seconds}, "failed_stage": " ".join(stage), "error": output[-1500:]}
+        times[key] = seconds
+        progress["grpo_engine"] = progress["grpo_engine"] or [line for line in output.splitlines() if line.startswith("grpo: backend=")][:1]
+        progress_file.write_text(json.dumps(progress, indent=2) + "\n")
+        print(f"seed {seed}: {' '.join(stage)} {seconds} s", flush=True)
     evaluation = json.loads((work / "metrics" / "evaluate.json").read_text())
     rows = read_curve(work / "plots" / "grpo_rewards.csv")
+    resumed = json.loads((work / "metrics" / "grpo.json").read_text()).get("resumed_from_checkpoint")
     return {
-        "seed": seed, "seconds": times, "total_seconds": round(sum(times.values()), 1), "grpo_engine": engines[:1],
+        "seed": seed, "seconds": times, "total_seconds": round(sum(times.values()), 1), "grpo_engine": progress["grpo_engine"],
         "accuracy": {m: evaluation[m]["strict"] for m in ("base", "sft", "grpo")},
         "grpo_minus_sft": evaluation["grpo"]["strict"] - evaluation["sft"]["strict"],
         "curve": rows, "hacking": hacking_flag(rows),
+        # What continued from an earlier run: a resumed grpo's seconds are its last attempt's only.
+        "finished_in_earlier_runs": earlier, "grpo_resumed_from": resumed,
     }
 
 
@@ -234,6 +264,10 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="seeds run at once, each in its own workspace (for a GPU; with vLLM, seeds share GPUs round robin "
                         "and their engines on one GPU start one at a time)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning.json"))
+    parser.add_argument("--workdir", type=Path,
+                        help="keep each seed's workspace here (default: a temporary folder, removed at the end); a "
+                             "later run with the same --workdir, --preset and --set continues each seed where it "
+                             "stopped, e.g. over consecutive calls of a GPU machine kept warm")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="combine the JSON of earlier runs of one recipe into --out (no training)")
     args = parser.parse_args()
@@ -245,7 +279,8 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PIPELINE_PARENT_RUN_ID", None)
-    base = Path(tempfile.mkdtemp(prefix="learning-"))
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="learning-"))
+    check_workspaces(base, args.seeds, args.preset, overrides)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plan = gpu_plan(args.preset, overrides, args.seeds)
@@ -263,7 +298,8 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         results = list(pool.map(one_seed, args.seeds))
-    shutil.rmtree(base, ignore_errors=True)
+    if not args.workdir:
+        shutil.rmtree(base, ignore_errors=True)
     report(results, meta, out)
 
 

@@ -421,3 +421,28 @@ def test_the_trainers_closing_summary_adds_no_second_value_to_step_metrics():
     cb.on_log(args, state, TrainerControl(), logs={"train_runtime": 9.0, "train_loss": 0.5})
     step_rows = [h for h in cb.history if "step_seconds" in h]
     assert len(step_rows) == 1 and step_rows[0]["step"] == 3
+
+
+def test_learning_bench_continues_a_kept_workspace_only_with_its_own_params(tmp_path, capsys):
+    # A workspace whose stages all finished in an earlier run (progress.json): nothing runs again, the
+    # result comes from its files; a workspace made with other params is refused before anything runs.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning
+
+    work = tmp_path / "seed0"
+    (work / "metrics").mkdir(parents=True)
+    (work / "plots").mkdir()
+    (work / "params.yaml").write_text(learning.seed_params(0, "learn", {}))
+    finished = {"_".join(stage): 1.0 for stage in learning.STAGES}
+    (work / "progress.json").write_text(json.dumps({"seconds": finished, "grpo_engine": ["grpo: backend=trl"]}))
+    (work / "metrics" / "evaluate.json").write_text(json.dumps({m: {"strict": a} for m, a in (("base", 0.0), ("sft", 0.4), ("grpo", 0.7))}))
+    (work / "metrics" / "grpo.json").write_text(json.dumps({"resumed_from_checkpoint": "checkpoint-50"}))
+    (work / "plots" / "grpo_rewards.csv").write_text("step,rewards/correctness/mean\n5,0.3\n10,0.5\n")
+
+    learning.check_workspaces(tmp_path, [0, 1], "learn", {})  # seed 1 has no workspace yet: fine
+    result = learning.run_seed(0, "learn", {}, tmp_path, dict(os.environ), tmp_path / "out.json")
+    assert result["total_seconds"] == 6.0 and round(result["grpo_minus_sft"], 3) == 0.3
+    assert result["finished_in_earlier_runs"] == list(finished) and result["grpo_resumed_from"] == "checkpoint-50"
+    assert capsys.readouterr().out.count("finished in an earlier run") == len(learning.STAGES)
+    with pytest.raises(SystemExit, match="seed 0's workspace was made with other params"):
+        learning.check_workspaces(tmp_path, [0], "learn", {"grpo.learning_rate": 2e-4})
