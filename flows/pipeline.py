@@ -138,7 +138,7 @@ def run_stage(root: str, stage: str, env: dict[str, str]) -> dict[str, Any]:
     if proc.returncode:
         CONSOLE.stage_done(stage, "failed", seconds)
         raise _failure(stage, proc.returncode, log, seconds, errors.read(error_file))
-    figure = summary.key_figure(stage, declared_path(Path(root), "metrics"))
+    figure = summary.key_figure(stage, declared_path(Path(root), "metrics"), declared_path(Path(root), "cards"))
     CONSOLE.stage_done(stage, result, seconds, figure)
     logger.info(f"stage {stage}: {result} ({seconds} s)")
     return {"stage": stage, "result": result, "seconds": seconds, "figure": figure, "log": _shown(log_file, root)}

@@ -229,15 +229,30 @@ def _figure_register(m: dict) -> str:
     return f"v{version} {'promoted to champion' if m.get('promoted') else 'kept as candidate'}"
 
 
+def _figure_publish(m: dict) -> str:
+    if not m.get("enabled", True):
+        return "skipped (publish.enabled false)"
+    return ", ".join(f"{kind} {'committed' if r.get('committed') else 'unchanged'}" for kind, r in m["repos"].items())
+
+
+def _figure_cards(cards_dir: Path) -> str:
+    kinds = sorted(d.name for d in cards_dir.iterdir() if (d / "README.md").is_file()) if cards_dir.is_dir() else []
+    return f"{len(kinds)} cards: {', '.join(kinds)}" if kinds else ""
+
+
 FIGURES = {"prepare": ("prepare", _figure_prepare), "base_model": ("base_model", _figure_base_model),
            "sft": ("sft", _figure_sft), "grpo": ("grpo", _figure_grpo),
            "evaluate_base": ("eval_base", _figure_evaluate_base), "evaluate": ("evaluate", _figure_evaluate),
-           "merge": ("merge", _figure_merge), "gguf": ("gguf", _figure_gguf), "register": ("register", _figure_register)}
+           "merge": ("merge", _figure_merge), "gguf": ("gguf", _figure_gguf), "register": ("register", _figure_register),
+           "publish": ("publish", _figure_publish)}
 
 
-def key_figure(stage: str, metrics_dir: Path) -> str:
+def key_figure(stage: str, metrics_dir: Path, cards_dir: Path | None = None) -> str:
     """The stage's key figure (rows, loss, reward, accuracy, sizes, decision) from its metrics
-    file; "" for a stage without one or whose file is missing or not in the expected shape."""
+    file (model_card, which writes none: the cards in cards_dir); "" for a stage without one or
+    whose file is missing or not in the expected shape."""
+    if stage == "model_card" and cards_dir is not None:
+        return _figure_cards(cards_dir)
     if stage not in FIGURES:
         return ""
     file, figure = FIGURES[stage]

@@ -162,6 +162,18 @@ def test_key_figures_read_the_stage_metrics(tmp_path):
     assert summary.key_figure("merge", m) == ""  # no metrics file yet
     (m / "merge.json").write_text("[1, 2]")
     assert summary.key_figure("merge", m) == ""  # not the expected shape: no figure, no crash
+    (m / "publish.json").write_text(json.dumps({"enabled": False, "reason": "publish.enabled is false"}))
+    assert summary.key_figure("publish", m) == "skipped (publish.enabled false)"
+    (m / "publish.json").write_text(json.dumps({"enabled": True, "repos": {"adapter": {"committed": True},
+                                                                           "gguf": {"committed": False}}}))
+    assert summary.key_figure("publish", m) == "adapter committed, gguf unchanged"
+    cards = tmp_path / "cards"
+    assert summary.key_figure("model_card", m, cards) == ""  # not made yet
+    for kind in ("merged", "adapter"):
+        (cards / kind).mkdir(parents=True)
+        (cards / kind / "README.md").write_text("card")
+    (cards / "gguf").mkdir()  # no card in it: not counted
+    assert summary.key_figure("model_card", m, cards) == "2 cards: adapter, merged"
 
 
 def test_accuracy_intervals_are_wilson_intervals(tmp_path):
