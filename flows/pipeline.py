@@ -63,6 +63,7 @@ from flows.workspace import (declared_path, resolve_params, stage_order, workspa
 from stages.check import CHECK_ERRORS, check
 from stages.common import errors, tracking
 from stages.common.params import ROOT, Params, parse_overrides
+from stages.common.paths import declared_paths
 
 UI_URL = "http://127.0.0.1:5000"  # `make ui` (flows/ui.py) serves the local store here
 
@@ -138,7 +139,8 @@ def run_stage(root: str, stage: str, env: dict[str, str]) -> dict[str, Any]:
     if proc.returncode:
         CONSOLE.stage_done(stage, "failed", seconds)
         raise _failure(stage, proc.returncode, log, seconds, errors.read(error_file))
-    figure = summary.key_figure(stage, declared_path(Path(root), "metrics"), declared_path(Path(root), "cards"))
+    cards = declared_paths(Path(root)).get("cards")  # model_card's figure; a workspace may declare no cards
+    figure = summary.key_figure(stage, declared_path(Path(root), "metrics"), cards and Path(root) / cards)
     CONSOLE.stage_done(stage, result, seconds, figure)
     logger.info(f"stage {stage}: {result} ({seconds} s)")
     return {"stage": stage, "result": result, "seconds": seconds, "figure": figure, "log": _shown(log_file, root)}
