@@ -446,3 +446,17 @@ def test_learning_bench_continues_a_kept_workspace_only_with_its_own_params(tmp_
     assert capsys.readouterr().out.count("finished in an earlier run") == len(learning.STAGES)
     with pytest.raises(SystemExit, match="seed 0's workspace was made with other params"):
         learning.check_workspaces(tmp_path, [0], "learn", {"grpo.learning_rate": 2e-4})
+
+
+def test_first_and_final_reward_come_from_different_rows_in_a_short_run():
+    from stages.common.monitoring import summarize
+
+    def run(rewards):
+        return summarize([{"step": i + 1, "reward": r} for i, r in enumerate(rewards)], [])
+
+    short = run([0.0, 1.0, 2.0, 3.0])  # fewer than 2 x 5 rows: the halves
+    assert (short["reward_first"], short["reward_final"]) == (0.5, 2.5)
+    long = run(list(range(12)))  # the first and last 5 rows
+    assert (long["reward_first"], long["reward_final"]) == (2.0, 9.0)
+    one = run([7.0])
+    assert one["reward_first"] == one["reward_final"] == 7.0

@@ -234,8 +234,11 @@ def write_curves(history: list[dict], reward_names: list[str], csv_file: Path, p
 
 
 def summarize(history: list[dict], reward_names: list[str], window: int = 5) -> dict:
-    """Final metrics of a run from its per-step history (means over the first/last `window` steps)."""
+    """Final metrics of a run from its per-step history (means over the first/last `window` logged
+    rows; in a run of fewer than 2 x window rows, over its first and last halves, so "first" and
+    "final" never share a row unless the run logged one)."""
     rows = [h for h in history if "reward" in h]
+    window = max(1, min(window, len(rows) // 2))
 
     def mean(key: str, part: list[dict]) -> float | None:
         vals = [h[key] for h in part if key in h]
