@@ -10,8 +10,12 @@ scores the trainer over the kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT, automatic 
 sampling correction uses vLLM's log-probs); torch.compile then traced that scorer
 (unsloth_zoo.rl_replacements.grpo_chunked_hidden_states_logprobs) for over 4 minutes without finishing,
 in 4 of 4 runs of the grpo stage on an H200 (bench/results/session3/U*_unsloth_vllm_*.log). A report for
-Unsloth would attach this script's two outputs. Status: written after those runs; not itself run yet.
-A step that is not done after --limit seconds prints every thread's stack (faulthandler) and exits 1.
+Unsloth would attach this script's two outputs.
+--limit counts from the start of training, not of the process (the model build and vLLM's engine start
+take about 2 minutes more): steps not done by then print every thread's stack (faulthandler) and exit 1.
+Status: run once (session 14, both settings, beside three learning seeds on the same H200) with the limit
+counted from the process start, 200 s: both were cut before their first step ended, so that run showed
+nothing; the limit was moved to the start of training after it and has not run since.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--min-p", type=float, default=0.1, help="rollout min_p (0: full-vocabulary sampling)")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--limit", type=float, default=600, help="seconds before the stacks are dumped and the run stops")
+    ap.add_argument("--limit", type=float, default=600,
+                    help="seconds of training before the stacks are dumped and the run stops")
     ap.add_argument("--base-dir", type=Path, default=Path("/tmp/bench_grpo/base"))
     args = ap.parse_args()
 
@@ -41,7 +46,7 @@ def main() -> None:
     prompts = Path("/tmp/repro_prompts.parquet")
     gpu_grpo.write_prompts(prompts)
     os.environ["UNSLOTH_VLLM_STANDBY"] = "0"
-    faulthandler.dump_traceback_later(args.limit, exit=True)
+    started = time.perf_counter()
 
     from unsloth import FastLanguageModel  # before trl and transformers
 
@@ -60,6 +65,10 @@ def main() -> None:
         return [len(c[0]["content"]) / 1000 for c in completions]
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **kw):
+            print(f"model and vLLM engine ready after {time.perf_counter() - started:.1f} s", flush=True)
+            faulthandler.dump_traceback_later(args.limit, exit=True)
+
         def on_step_begin(self, *a, **kw):
             self.start = time.perf_counter()
 
@@ -67,7 +76,8 @@ def main() -> None:
             print(f"step {state.global_step}: {time.perf_counter() - self.start:.1f} s", flush=True)
 
     config = GRPOConfig(output_dir="/tmp/repro_ckpt", max_steps=args.steps, num_generations=8,
-                        per_device_train_batch_size=64, max_completion_length=512, use_vllm=True,
+                        per_device_train_batch_size=64, gradient_accumulation_steps=1,
+                        max_completion_length=512, use_vllm=True,
                         min_p=args.min_p or None, logging_steps=1, save_strategy="no", report_to="none")
     GRPOTrainer(model=model, reward_funcs=length_reward, args=config, train_dataset=data, processing_class=tokenizer,
                 callbacks=[Clock()]).train()
