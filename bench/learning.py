@@ -38,7 +38,8 @@ FORMAT_REWARDS = ("format_exact", "format_approx", "tag_count")
 # which comes after the cache (on the H200, 2026-12-02, TRL's path printed only the bar).
 ENGINE_READY = ("init engine (profile, create kv cache, warmup model) took", "Capturing CUDA graphs")
 # A gate is let go after this long even if no such line came. Qwen3-1.7B shapes' engine took 50 s to start
-# (bench/results/session13/U8.log); learn-gpu's tiny model's was not measured (TRL hides the line).
+# (bench/results/session13/U8.log); with learn-gpu's tiny model the second seed's GRPO began at most
+# about 20 s after the first's (session 14: the stage times in bench/results/session14/LA.log).
 ENGINE_START_LIMIT_S = 120
 
 
