@@ -29,7 +29,7 @@ def test_values_arrive_in_the_config():
 
     g = tiny({"grpo": {"vllm_importance_sampling_mode": "token_truncate", "epsilon_high": None, "epsilon": 0.25,
                        "top_k": None, "beta": 0.04, "vllm_max_model_length": 640, "seed": 11,
-                       "gradient_checkpointing": False}}).grpo
+                       "gradient_checkpointing": False, "use_liger_kernel": True}}).grpo
     kwargs = trl_args.grpo_kwargs(g, GRPOConfig, backend="trl")
     assert kwargs["vllm_importance_sampling_mode"] == "token_truncate" and kwargs["beta"] == 0.04
     assert kwargs["epsilon_high"] == 0.25 and kwargs["top_k"] == 0
@@ -38,6 +38,22 @@ def test_values_arrive_in_the_config():
     config = GRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none", **kwargs)
     assert config.vllm_importance_sampling_mode == "token_truncate"
     assert config.gradient_checkpointing is False  # TRL's default is True
+    assert config.use_liger_kernel is True
+
+
+def test_chunked_logps_without_liger_kernel_fail_before_any_model_loads():
+    """TRL needs the liger-kernel package for its chunked log-probs but checks only in the trainer,
+    after the model is loaded; the stage's preflight says so first. (The CPU environment has no
+    liger-kernel; where it is installed the check passes and this test is skipped.)"""
+    import importlib.util
+
+    from stages.common.engines import preflight
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    preflight(tiny({"grpo": {"use_liger_kernel": False}}))  # the default passes
+    with pytest.raises(ValueError, match="grpo.use_liger_kernel is true but the liger-kernel package"):
+        preflight(tiny({"grpo": {"use_liger_kernel": True}}))
 
 
 def test_a_field_nobody_maps_fails_loudly():

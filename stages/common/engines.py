@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -18,7 +19,10 @@ from stages.common.params import Params, check_runtime
 # Measured on the H200 (docs/benchmarks.md, "Unsloth + vLLM"): with rollouts truncated by min_p, top_k
 # or top_p, Unsloth 2026.10.9 scores the trainer over the rollouts' kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT,
 # automatic), and torch.compile traced that scorer for over 4 minutes on step 1 without finishing, in
-# 4 of 4 runs. Plain TRL + vLLM runs the same sampling at the plain script's speed.
+# 4 of 4 runs; in session 15 (the fallback lifted in a working copy) the stage sat in that trace again when its
+# limit came, 94 s into step 1. A bare Unsloth + TRL script with min_p 0.1 did finish its steps the same day
+# (bench/repro_unsloth_truncated_support.py), so what in the stage triggers the stall is still open.
+# Plain TRL + vLLM runs the same sampling at the plain script's speed.
 UNSLOTH_TRUNCATED = ("Unsloth's vLLM path cannot take truncated sampling (grpo.min_p/top_k/top_p): its kept-set "
                      "scorer compiles for minutes (docs/benchmarks.md); using plain TRL + vLLM. For Unsloth's path "
                      "set grpo.min_p: null, grpo.top_k: null, grpo.top_p: 1.0")
@@ -50,6 +54,10 @@ def preflight(params: Params):
     rewards = build_reward_funcs(g.rewards, params.project.answer_format.build(), g.on_reward_error,
                                  max_completion_length=g.max_completion_length,
                                  max_error_fraction=g.max_reward_error_fraction)
+    if g.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        # TRL checks this only after the model is loaded, minutes in on a large one.
+        raise ValueError("grpo.use_liger_kernel is true but the liger-kernel package is not installed: "
+                         "pip install 'liger-kernel>=0.8.2', or set grpo.use_liger_kernel: false")
     if generation == "vllm" and g.vllm_mode == "server":
         from stages.common.vllm_server import base_url, check_health
 

@@ -218,6 +218,11 @@ class GRPOParams(Section):
                                      "about one more forward pass of time (TRL's default). Off, with two micro-batches of 32, "
                                      "took 3.97 instead of 4.65 s per step at 8 x 8 x 512 on an H200 but peaked at 128 GiB "
                                      "(docs/benchmarks.md, session 7). Unsloth: its offloaded variant.")
+    use_liger_kernel: bool = F(
+        False, "trl backend: TRL's chunked log-probs (the LM head in slices, never the whole vocabulary's logits at "
+        "once), and transformers puts Liger's fused kernels (RMSNorm, SwiGLU, RoPE) into the model. On an H200 at "
+        "8 x 8 x 512, no checkpointing, two micro-batches of 32: peak 97 instead of 128.5 GiB, step time the same "
+        "within noise (docs/benchmarks.md, session 15). Needs the liger-kernel package (in the gpu extra).")
     generation_batch_size: int | None = F(None, "Completions generated per rollout; must be divisible by num_generations. None: per_device_train_batch_size x gradient_accumulation_steps x steps_per_generation.", ge=2)
     steps_per_generation: int | None = F(None, "Optimizer steps per rollout batch (None = gradient_accumulation_steps). Exclusive with generation_batch_size.", ge=1)
     group_prompts_by_length: bool = F(True, "Generate from batches of prompts of one token length where the data allows: no left padding in transformers generation (Unsloth, 8 prompts x 8 on an H200: 1.44x faster steps, half the reserved memory); batches then correlate with prompt length. Advantages stay per prompt group.")

@@ -24,9 +24,10 @@ RUN = {
 }
 
 
-def train_and_check(backend, tmp_path, prepared_dir, base_dir, lora: bool = True):
+def train_and_check(backend, tmp_path, prepared_dir, base_dir, lora: bool = True, grpo_values: dict | None = None):
     """lora False: full fine-tuning (trl backend), where the KL monitor's reference is a frozen copy of the
-    model that must follow it onto the GPU (learn-gpu's first vLLM run crashed there, 2026-11-30)."""
+    model that must follow it onto the GPU (learn-gpu's first vLLM run crashed there, 2026-11-30).
+    grpo_values: params.grpo values over RUN's (the sampling or the log-prob path a test is about)."""
     import mlflow
     from safetensors.torch import load_file
 
@@ -37,7 +38,7 @@ def train_and_check(backend, tmp_path, prepared_dir, base_dir, lora: bool = True
     model = {**RUN["model"], "backend": backend, "lora": {**RUN["model"]["lora"], "enabled": lora}}
     if not lora:
         model["dtype"] = "float32"  # as learn-gpu trains: pure bf16 weights would round small updates away
-    params = tiny({**RUN, "model": model})
+    params = tiny({**RUN, "model": model, "grpo": {**RUN["grpo"], **(grpo_values or {})}})
     with tracking.stage_run("grpo", params) as run:
         metrics = grpo.run(params, prepared_dir / "grpo.parquet", base_dir, tmp_path / "no_sft", tmp_path / "grpo",
                            tmp_path / "ckpt", tmp_path / "plots")
