@@ -1,21 +1,23 @@
-"""Minimal reproduction: Unsloth + vLLM GRPO whose first step does not finish when rollouts use min_p.
+"""Attempted minimal reproduction: Unsloth + vLLM GRPO whose first step does not finish when rollouts use min_p.
 
-    python bench/repro_unsloth_truncated_support.py --min-p 0.1 --limit 600    # expected: no step within the limit
-    python bench/repro_unsloth_truncated_support.py --min-p 0                  # expected: steps of a few seconds
+    python bench/repro_unsloth_truncated_support.py --min-p 0.1 --limit 600
+    python bench/repro_unsloth_truncated_support.py --min-p 0 --limit 600     # control
 
 No project code: Unsloth 2026.10.9 `FastLanguageModel(fast_inference=True)` + LoRA r32 + TRL 1.14.2
 GRPOTrainer, 8 prompts x 8 generations x 512 tokens in one micro-batch, on the random Qwen3-1.7B-shaped
 model of bench/gpu_grpo.py. With min_p (or top_k, or top_p < 1) the rollouts are truncated, so Unsloth
 scores the trainer over the kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT, automatic when the importance
-sampling correction uses vLLM's log-probs); torch.compile then traced that scorer
-(unsloth_zoo.rl_replacements.grpo_chunked_hidden_states_logprobs) for over 4 minutes without finishing,
-in 4 of 4 runs of the grpo stage on an H200 (bench/results/session3/U*_unsloth_vllm_*.log). A report for
-Unsloth would attach this script's two outputs.
+sampling correction uses vLLM's log-probs); in the grpo stage torch.compile then traced that scorer
+(unsloth_zoo.rl_replacements.grpo_chunked_hidden_states_logprobs) for minutes without finishing a first
+step (session 3: 4 of 4 runs, 160-290 s; bench/results/session3/U*_unsloth_vllm_*.log).
 --limit counts from the start of training, not of the process (the model build and vLLM's engine start
-take about 2 minutes more): steps not done by then print every thread's stack (faulthandler) and exit 1.
-Status: run once (session 14, both settings, beside three learning seeds on the same H200) with the limit
-counted from the process start, 200 s: both were cut before their first step ended, so that run showed
-nothing; the limit was moved to the start of training after it and has not run since.
+take about 3 minutes more): steps not done by then print every thread's stack (faulthandler) and exit 1.
+
+Status: this script does NOT reproduce the stall. Session 15 (bench/results/session15/R01.log, with three
+learning seeds sharing the H200): with --min-p 0.1 step 1 took 68.8 s (compiles), steps 2-3 8.6 and 9.1 s.
+What the grpo stage adds that matters is not yet known (candidates: prompts grouped by token length, so a
+new prompt length every step; the stage's cuDNN-attention switch; the KL monitor); the stage keeps its
+fallback to plain TRL + vLLM for truncated sampling (stages/common/engines.py).
 """
 from __future__ import annotations
 
