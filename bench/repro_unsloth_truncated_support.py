@@ -1,23 +1,25 @@
-"""Attempted minimal reproduction: Unsloth + vLLM GRPO whose first step does not finish when rollouts use min_p.
+"""Minimal reproduction (candidate): Unsloth + vLLM GRPO whose first step does not finish when rollouts use min_p.
 
-    python bench/repro_unsloth_truncated_support.py --min-p 0.1 --limit 600
-    python bench/repro_unsloth_truncated_support.py --min-p 0 --limit 600     # control
+    python bench/repro_unsloth_truncated_support.py --min-p 0.1 --limit 600                  # expected: stalls
+    python bench/repro_unsloth_truncated_support.py --min-p 0.1 --no-is-correction           # control
+    python bench/repro_unsloth_truncated_support.py --min-p 0 --limit 600                    # control
 
 No project code: Unsloth 2026.10.9 `FastLanguageModel(fast_inference=True)` + LoRA r32 + TRL 1.14.2
 GRPOTrainer, 8 prompts x 8 generations x 512 tokens in one micro-batch, on the random Qwen3-1.7B-shaped
-model of bench/gpu_grpo.py. With min_p (or top_k, or top_p < 1) the rollouts are truncated, so Unsloth
-scores the trainer over the kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT, automatic when the importance
-sampling correction uses vLLM's log-probs); in the grpo stage torch.compile then traced that scorer
-(unsloth_zoo.rl_replacements.grpo_chunked_hidden_states_logprobs) for minutes without finishing a first
-step (session 3: 4 of 4 runs, 160-290 s; bench/results/session3/U*_unsloth_vllm_*.log).
+model of bench/gpu_grpo.py. With min_p (or top_k, or top_p < 1) the rollouts are truncated; when vLLM's
+importance-sampling correction is on, Unsloth scores the trainer over the kept set
+(UNSLOTH_GRPO_TRUNCATED_SUPPORT, automatic), through the older chunked scorer under torch.compile, and the
+grpo stage's first step then sat in dynamo tracing that scorer
+(unsloth_zoo.rl_replacements.grpo_chunked_hidden_states_logprobs) for minutes (session 3: 4 of 4 runs,
+160-290 s; session 15: still there at its limit, 94 s in; bench/results/session{3,15}/U*.log).
 --limit counts from the start of training, not of the process (the model build and vLLM's engine start
 take about 3 minutes more): steps not done by then print every thread's stack (faulthandler) and exit 1.
 
-Status: this script does NOT reproduce the stall. Session 15 (bench/results/session15/R01.log, with three
-learning seeds sharing the H200): with --min-p 0.1 step 1 took 68.8 s (compiles), steps 2-3 8.6 and 9.1 s.
-What the grpo stage adds that matters is not yet known (candidates: prompts grouped by token length, so a
-new prompt length every step; the stage's cuDNN-attention switch; the KL monitor); the stage keeps its
-fallback to plain TRL + vLLM for truncated sampling (stages/common/engines.py).
+History: session 15 ran this script with min_p 0.1 and its steps finished (step 1 68.8 s, steps 2-3 8.6 and
+9.1 s; bench/results/session15/R01.log), but it had not set the correction, and Unsloth's GRPOConfig turns
+TRL's default (on) off: no old-log-prob pass, no kept-set scoring (its log shows Unsloth's fused log-prob
+kernels compiling instead). The stage sets the correction on (grpo.vllm_importance_sampling_correction). The
+script now sets it explicitly (--no-is-correction for that run's setting); it has not run since.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--min-p", type=float, default=0.1, help="rollout min_p (0: full-vocabulary sampling)")
+    ap.add_argument("--no-is-correction", action="store_true",
+                    help="vllm_importance_sampling_correction off (Unsloth's default; the stage has it on)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--limit", type=float, default=600,
                     help="seconds of training before the stacks are dumped and the run stops")
@@ -80,6 +84,8 @@ def main() -> None:
     config = GRPOConfig(output_dir="/tmp/repro_ckpt", max_steps=args.steps, num_generations=8,
                         per_device_train_batch_size=64, gradient_accumulation_steps=1,
                         max_completion_length=512, use_vllm=True,
+                        # Unsloth's GRPOConfig defaults this to False; TRL's default and the stage's is True.
+                        vllm_importance_sampling_correction=not args.no_is_correction,
                         min_p=args.min_p or None, logging_steps=1, save_strategy="no", report_to="none")
     GRPOTrainer(model=model, reward_funcs=length_reward, args=config, train_dataset=data, processing_class=tokenizer,
                 callbacks=[Clock()]).train()

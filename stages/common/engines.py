@@ -20,8 +20,10 @@ from stages.common.params import Params, check_runtime
 # or top_p, Unsloth 2026.10.9 scores the trainer over the rollouts' kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT,
 # automatic), and torch.compile traced that scorer for over 4 minutes on step 1 without finishing, in
 # 4 of 4 runs; in session 15 (the fallback lifted in a working copy) the stage sat in that trace again when its
-# limit came, 94 s into step 1. A bare Unsloth + TRL script with min_p 0.1 did finish its steps the same day
-# (bench/repro_unsloth_truncated_support.py), so what in the stage triggers the stall is still open.
+# limit came, 94 s into step 1. A bare Unsloth + TRL script with min_p 0.1 finished its steps the same day, but
+# with vLLM's importance-sampling correction off (Unsloth's default; the stage's is on), which skips the kept-set
+# scorer altogether: bench/repro_unsloth_truncated_support.py now sets it, and has not run since
+# (bench/results/session15/unsloth_stall_analysis.md: the reading, and the next device call).
 # Plain TRL + vLLM runs the same sampling at the plain script's speed.
 UNSLOTH_TRUNCATED = ("Unsloth's vLLM path cannot take truncated sampling (grpo.min_p/top_k/top_p): its kept-set "
                      "scorer compiles for minutes (docs/benchmarks.md); using plain TRL + vLLM. For Unsloth's path "
