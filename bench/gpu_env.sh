@@ -11,6 +11,11 @@
 #   above (two versions of one package break imports).
 vsite=/tmp/vsite
 if [ ! -d "$vsite/vllm" ] && ls /tmp/parts/part.* >/dev/null 2>&1; then
+  # The wheelhouse comes in six parts (part.00-part.05), one per call; a call that started a fresh machine
+  # (a failed or idle-released one) leaves the earlier parts behind on the old one.
+  missing=$(for k in 00 01 02 03 04 05; do [ -f /tmp/parts/part.$k ] || printf 'part.%s ' $k; done)
+  [ -z "$missing" ] || { echo "vLLM wheel parts missing on this machine: $missing- the part calls reached another" \
+      "machine; send all six again, back to back"; exit 1; }
   mkdir -p /tmp/vwh && cat /tmp/parts/part.* | tar -x -C /tmp/vwh \
     && python3 -m pip install -q --no-index --no-deps --no-compile --target "$vsite" /tmp/vwh/*.whl || exit 1
 fi
