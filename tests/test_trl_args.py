@@ -45,11 +45,10 @@ def test_chunked_logps_without_liger_kernel_fail_before_any_model_loads():
     """TRL needs the liger-kernel package for its chunked log-probs but checks only in the trainer,
     after the model is loaded; the stage's preflight says so first. (The CPU environment has no
     liger-kernel; where it is installed the check passes and this test is skipped.)"""
-    import importlib.util
-
+    from stages.common import models
     from stages.common.engines import preflight
 
-    if importlib.util.find_spec("liger_kernel") is not None:
+    if models._installed("liger_kernel"):
         pytest.skip("liger-kernel is installed here")
     preflight(tiny({"grpo": {"use_liger_kernel": False}}))  # the default passes
     with pytest.raises(ValueError, match="grpo.use_liger_kernel is true but the liger-kernel package"):

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -56,7 +55,7 @@ def preflight(params: Params):
     rewards = build_reward_funcs(g.rewards, params.project.answer_format.build(), g.on_reward_error,
                                  max_completion_length=g.max_completion_length,
                                  max_error_fraction=g.max_reward_error_fraction)
-    if g.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+    if g.use_liger_kernel and not models._installed("liger_kernel"):
         # TRL checks this only after the model is loaded, minutes in on a large one.
         raise ValueError("grpo.use_liger_kernel is true but the liger-kernel package is not installed: "
                          "pip install 'liger-kernel>=0.8.2', or set grpo.use_liger_kernel: false")
