@@ -231,7 +231,7 @@ def test_changed_inputs_start_fresh_and_keep_the_old_checkpoints(tmp_path, prepa
     assert len(stale) == 1 and (stale[0] / "checkpoint-2").is_dir()
 
 
-def test_unsloth_vllm_with_truncated_sampling_falls_back_to_trl_loudly(monkeypatch, capsys):
+def test_unsloth_vllm_with_truncated_sampling_and_the_correction_falls_back_to_trl_loudly(monkeypatch, capsys):
     """Test double for the hardware: this machine has no CUDA, so the backend and engine choices
     are stubbed as a GPU machine with Unsloth and vLLM would make them."""
     from stages.common import engines, models
@@ -247,6 +247,10 @@ def test_unsloth_vllm_with_truncated_sampling_falls_back_to_trl_loudly(monkeypat
     full_vocabulary = tiny({"model": {"backend": "unsloth", "generation": "vllm"},
                             "grpo": {"min_p": None, "top_k": None, "top_p": 1.0}})
     assert engines.engines(full_vocabulary)[0] == ("unsloth", "requested")
+    # the stall needs the importance-sampling correction too (bench/results/session16): without it Unsloth keeps min_p
+    uncorrected = tiny({"model": {"backend": "unsloth", "generation": "vllm"},
+                        "grpo": {"min_p": 0.1, "vllm_importance_sampling_correction": False}})
+    assert engines.engines(uncorrected)[0] == ("unsloth", "requested")
     server = tiny({"model": {"backend": "unsloth", "generation": "vllm"},
                    "grpo": {"min_p": None, "vllm_mode": "server"}})
     with pytest.raises(ValueError, match="vllm_mode: server needs model.backend: trl"):

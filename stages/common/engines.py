@@ -15,18 +15,17 @@ import sys
 from stages.common import models
 from stages.common.params import Params, check_runtime
 
-# Measured on the H200 (docs/benchmarks.md, "Unsloth + vLLM"): with rollouts truncated by min_p, top_k
-# or top_p, Unsloth 2026.10.9 scores the trainer over the rollouts' kept set (UNSLOTH_GRPO_TRUNCATED_SUPPORT,
-# automatic), and torch.compile traced that scorer for over 4 minutes on step 1 without finishing, in
-# 4 of 4 runs; in session 15 (the fallback lifted in a working copy) the stage sat in that trace again when its
-# limit came, 94 s into step 1. A bare Unsloth + TRL script with min_p 0.1 finished its steps the same day, but
-# with vLLM's importance-sampling correction off (Unsloth's default; the stage's is on), which skips the kept-set
-# scorer altogether: bench/repro_unsloth_truncated_support.py now sets it, and has not run since
-# (bench/results/session15/unsloth_stall_analysis.md: the reading, and the next device call).
-# Plain TRL + vLLM runs the same sampling at the plain script's speed.
-UNSLOTH_TRUNCATED = ("Unsloth's vLLM path cannot take truncated sampling (grpo.min_p/top_k/top_p): its kept-set "
-                     "scorer compiles for minutes (docs/benchmarks.md); using plain TRL + vLLM. For Unsloth's path "
-                     "set grpo.min_p: null, grpo.top_k: null, grpo.top_p: 1.0")
+# Measured on the H200 (docs/benchmarks.md, sessions 3, 15, 16): with rollouts truncated by min_p, top_k or top_p
+# *and* vLLM's importance-sampling correction on, Unsloth 2026.10.9 scores TRL's old-log-prob pass over the
+# rollouts' kept set through a chunked scorer that torch.compile took minutes over without finishing step 1 (the
+# stage: 5 of 5 runs; bench/repro_unsloth_truncated_support.py reproduces it without project code). With the
+# correction off (Unsloth's own default) there is no such pass: the stage ran min_p 0.1 at 5.2 s a step.
+# Plain TRL + vLLM runs truncated sampling with the correction at the plain script's speed or better.
+UNSLOTH_TRUNCATED = ("Unsloth's vLLM path cannot take truncated sampling (grpo.min_p/top_k/top_p) with "
+                     "grpo.vllm_importance_sampling_correction on: its kept-set scorer compiles for minutes "
+                     "(docs/benchmarks.md); using plain TRL + vLLM. For Unsloth's path set "
+                     "grpo.vllm_importance_sampling_correction: false (Unsloth's default), or grpo.min_p: null, "
+                     "grpo.top_k: null, grpo.top_p: 1.0")
 
 
 def engines(params: Params) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -34,7 +33,7 @@ def engines(params: Params) -> tuple[tuple[str, str], tuple[str, str]]:
     m, g = params.model, params.grpo
     backend, generation = models.choose_backend(m.backend), models.choose_generation(m.generation)
     truncated = bool(g.min_p) or bool(g.top_k) or g.top_p < 1.0
-    if generation[0] == "vllm" and backend[0] == "unsloth" and truncated:
+    if generation[0] == "vllm" and backend[0] == "unsloth" and truncated and g.vllm_importance_sampling_correction:
         if m.backend == "unsloth":
             print(f"grpo: WARNING: model.backend is unsloth, but {UNSLOTH_TRUNCATED}")
         backend = ("trl", ("fallback: " if m.backend == "unsloth" else "auto: ") + UNSLOTH_TRUNCATED)

@@ -268,7 +268,7 @@ class GRPOParams(Section):
     vllm_server_host: str = F("127.0.0.1", "Host of the `trl vllm-serve` server (vllm_mode server).")
     vllm_server_port: int = F(8000, "Port of the `trl vllm-serve` server (vllm_mode server).", ge=1, le=65535)
     vllm_server_timeout: float = F(240.0, "Seconds to wait for the vLLM server to answer its health check before failing.", gt=0)
-    vllm_importance_sampling_correction: bool = F(True, "Correct for the vLLM/trainer log-prob mismatch with importance sampling (vLLM only; needs the trainer's log-probs of every rollout).")
+    vllm_importance_sampling_correction: bool = F(True, "Correct for the vLLM/trainer log-prob mismatch with importance sampling (vLLM only; needs the trainer's log-probs of every rollout). On the unsloth backend with truncated sampling (min_p/top_k/top_p) it sends the run to plain TRL + vLLM (Unsloth's kept-set scorer compiles for minutes); false keeps Unsloth's path (Unsloth's own default).")
     importance_sampling_from_loss: bool = F(
         True, "trl backend with vLLM and that correction, on-policy runs (num_iterations 1): take the trainer's log-probs "
         "from the loss's own forward instead of TRL's extra no-grad pass over every rollout (stages/common/on_policy_is.py; "
