@@ -19,7 +19,8 @@ RUN = {
     "grpo": {"rewards": [{"name": "tag_count"}, {"name": "tests.test_training:distinct_chars"}],
              "max_steps": 3, "save_steps": 100, "log_completions_every": 1, "max_completion_length": 32,
              "max_prompt_length": 192, "learning_rate": 1e-2, "monitor_kl_every": 1, "optim": "adamw_torch",
-             # Full-vocabulary sampling: with min_p the stage would (rightly) leave Unsloth for plain TRL.
+             # Full-vocabulary sampling: with min_p and the correction on, the stage would (rightly) leave
+             # Unsloth for plain TRL (tests/gpu/test_grpo_vllm_unsloth_min_p.py turns the correction off).
              "min_p": None},
 }
 
