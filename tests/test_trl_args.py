@@ -1,6 +1,8 @@
 """Every params field reaches TRL or is listed as project-only (stages/common/trl_args.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from stages.common import trl_args
@@ -53,6 +55,40 @@ def test_chunked_logps_without_liger_kernel_fail_before_any_model_loads():
     preflight(tiny({"grpo": {"use_liger_kernel": False}}))  # the default passes
     with pytest.raises(ValueError, match="grpo.use_liger_kernel is true but the liger-kernel package"):
         preflight(tiny({"grpo": {"use_liger_kernel": True}}))
+
+
+def _installed_package(root: Path, name: str, dist: str, version: str) -> None:
+    """A package directory and its dist-info under root: what pip leaves, found by find_spec and importlib.metadata."""
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text("")
+    info = root / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+
+
+@pytest.mark.parametrize("version, problem", [("0.8.1", "liger-kernel 0.8.1 is installed, TRL needs >= 0.8.2"),
+                                              ("0.8.5", None)])
+def test_liger_kernel_older_than_trls_minimum_fails_in_preflight(tmp_path, monkeypatch, version, problem):
+    from stages.common import models
+    from stages.common.engines import check_liger_kernel
+
+    if models._installed("liger_kernel"):
+        pytest.skip("a real liger-kernel is installed here")
+    _installed_package(tmp_path, "liger_kernel", "liger-kernel", version)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if problem is None:
+        check_liger_kernel()
+    else:
+        with pytest.raises(ValueError, match=problem):
+            check_liger_kernel()
+
+
+def test_liger_minimum_is_trls():
+    from trl.import_utils import LIGER_KERNEL_MIN_VERSION
+
+    from stages.common.engines import LIGER_KERNEL_MIN_VERSION as ours
+
+    assert ours == LIGER_KERNEL_MIN_VERSION
 
 
 def test_a_field_nobody_maps_fails_loudly():

@@ -43,6 +43,32 @@ def engines(params: Params) -> tuple[tuple[str, str], tuple[str, str]]:
     return backend, generation
 
 
+# TRL 1.14's trl.import_utils.LIGER_KERNEL_MIN_VERSION (tests/test_trl_args.py keeps the two in step). Not imported
+# from TRL: preflight runs before Unsloth, which must be imported before trl to patch it.
+LIGER_KERNEL_MIN_VERSION = "0.8.2"
+
+
+def check_liger_kernel() -> None:
+    """grpo.use_liger_kernel needs liger-kernel >= TRL's minimum; TRL checks only once the model is loaded,
+    minutes in on a large one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        installed = version("liger-kernel")
+    except PackageNotFoundError:
+        installed = None
+    if installed is None or not models._installed("liger_kernel"):
+        problem = "the liger-kernel package is not installed"
+    elif Version(installed) < Version(LIGER_KERNEL_MIN_VERSION):
+        problem = f"liger-kernel {installed} is installed, TRL needs >= {LIGER_KERNEL_MIN_VERSION}"
+    else:
+        return
+    raise ValueError(f"grpo.use_liger_kernel is true but {problem}: "
+                     f"pip install 'liger-kernel>={LIGER_KERNEL_MIN_VERSION}', or set grpo.use_liger_kernel: false")
+
+
 def preflight(params: Params):
     """Everything the run needs that can be checked without loading a model: runtime, engines,
     reward functions (names, custom imports, options), a vLLM server. Returns the reward specs built."""
@@ -54,10 +80,8 @@ def preflight(params: Params):
     rewards = build_reward_funcs(g.rewards, params.project.answer_format.build(), g.on_reward_error,
                                  max_completion_length=g.max_completion_length,
                                  max_error_fraction=g.max_reward_error_fraction)
-    if g.use_liger_kernel and not models._installed("liger_kernel"):
-        # TRL checks this only after the model is loaded, minutes in on a large one.
-        raise ValueError("grpo.use_liger_kernel is true but the liger-kernel package is not installed: "
-                         "pip install 'liger-kernel>=0.8.2', or set grpo.use_liger_kernel: false")
+    if g.use_liger_kernel:
+        check_liger_kernel()
     if generation == "vllm" and g.vllm_mode == "server":
         from stages.common.vllm_server import base_url, check_health
 
