@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages.common.ranks import free_port  # noqa: E402
 from stages.grpo import COLOCATED_SAMPLING  # noqa: E402  (the stage's own generation kwargs)
 
 # name -> SamplingParams overrides. "trl" is what TRL asks for by default (min_p from params.yaml; one log-prob per
@@ -36,12 +36,6 @@ SETTINGS = {
     "no_min_p": {"logprobs": 0},
     "plain": {},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -62,7 +56,7 @@ def main() -> None:
     base = gpu_grpo.ensure_base(args.base_dir.resolve(), "qwen3-1.7b") / "model"
     # what TRL's colocate mode runs under: one in-process engine, torch.distributed set up by "the launcher"
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+                      MASTER_PORT=str(free_port()), VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
     import torch
     from transformers import AutoTokenizer
